@@ -1,0 +1,115 @@
+"""The user-facing model object: ``jaxquant.load(...)``."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.errors import CheckpointError
+from jaxquant.io.model_dir import ModelDirMeta, load_model_dir, resolve_model_path
+
+
+class Model:
+    """A loaded diffusion network with its parameters and noise schedule.
+
+    ``m(x, t)`` (``m(x, t, y=labels)`` for class-conditional models) applies the
+    network to NHWC ``x`` and integer timesteps ``t`` and returns the NHWC output
+    (epsilon prediction). The forward pass is jitted once per input shape.
+    """
+
+    def __init__(self, meta: ModelDirMeta, params: dict, path: Path | None = None, dtype: Any = jnp.float32):
+        from jaxquant.models import build_network
+
+        self.meta = meta
+        self.path = path
+        self.module, self.network_config = build_network(meta.architecture, meta.model, dtype)
+        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        self._check_params()
+
+    @property
+    def config(self) -> dict:
+        """The network configuration (same keys as the source checkpoint's config)."""
+        return self.meta.model
+
+    @property
+    def architecture(self) -> str:
+        return self.meta.architecture
+
+    @property
+    def schedule(self):
+        """The training noise schedule as a :class:`jaxquant.diffusion.ScheduleConfig`."""
+        from jaxquant.diffusion.schedules import ScheduleConfig
+
+        return ScheduleConfig.from_dict(self.meta.schedule)
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return bool(getattr(self.network_config, "is_class_conditional", False))
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.network_config
+        return (c.sample_size, c.sample_size, c.out_channels)
+
+    def apply(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        """Pure forward pass ``f(params, x, t, y)``; use this inside your own jit/vmap."""
+        return self.module.apply({"params": params}, x, t, y)
+
+    @functools.cached_property
+    def _jitted(self):
+        return jax.jit(self.apply)
+
+    def __call__(self, x: Any, t: Any, y: Any = None) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+        if y is not None:
+            y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (x.shape[0],))
+        return self._jitted(self.params, x, t, y)
+
+    def _check_params(self) -> None:
+        """Compare the loaded tree with the architecture's expected tree (names and shapes)."""
+        c = self.network_config
+        h = getattr(c, "sample_size", None) or 32
+        x = jax.ShapeDtypeStruct((1, h, h, c.in_channels), jnp.float32)
+        t = jax.ShapeDtypeStruct((1,), jnp.int32)
+        y = jax.ShapeDtypeStruct((1,), jnp.int32) if self.is_class_conditional else None
+        expected = jax.eval_shape(lambda: self.module.init(jax.random.key(0), x, t, y))["params"]
+        check_param_tree(expected, self.params, where=str(self.path or "the parameters"))
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(np.shape(v))) for v in jax.tree_util.tree_leaves(self.params))
+        return f"Model({self.architecture}, {n / 1e6:.2f}M parameters, path={self.path})"
+
+
+def check_param_tree(expected: dict, actual: dict, where: str) -> None:
+    """Raise :class:`CheckpointError` listing missing/unexpected names and shape mismatches."""
+    from jaxquant.io.model_dir import flatten_params
+
+    e, a = flatten_params(expected), flatten_params(actual)
+    missing = sorted(set(e) - set(a))
+    unexpected = sorted(set(a) - set(e))
+    problems = []
+    if missing:
+        problems.append(f"missing: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
+    if unexpected:
+        problems.append(f"unexpected: {', '.join(unexpected[:20])}{' …' if len(unexpected) > 20 else ''}")
+    for k in sorted(set(e) & set(a)):
+        if tuple(np.shape(e[k])) != tuple(np.shape(a[k])):
+            problems.append(f"shape of {k}: expected {tuple(np.shape(e[k]))}, found {tuple(np.shape(a[k]))}")
+    if problems:
+        raise CheckpointError(f"{where} do not match the architecture in config.json: " + "; ".join(problems))
+
+
+def load(name_or_path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
+    """Load a model directory, or a shipped model by name (e.g. ``"ddpm-fmnist"``)."""
+    path = resolve_model_path(name_or_path)
+    meta, params = load_model_dir(path)
+    if "params" in params and len(params) == 1:
+        raise CheckpointError(f"'{path}' stores a wrapped variable dict; expected the bare parameter tree")
+    return Model(meta, params, path, dtype)

@@ -1,0 +1,139 @@
+"""Building blocks shared by the Flax networks.
+
+``Dense`` and ``Conv`` hold their weights under the usual Flax names (``kernel``,
+``bias``) but compute through :mod:`jaxquant.quant.dispatch`, so a quantized container
+placed at the same path in the parameter tree is used without the model knowing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxquant.quant import dispatch
+
+Dtype = Any
+
+
+def _get_or_init(module: nn.Module, name: str, init_fn, shape, dtype=jnp.float32):
+    # `Module.param` compares the stored value's leaf shapes with the initializer's
+    # shape; a quantized container has other leaves, so read existing values directly.
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init_fn, shape, dtype)
+
+
+class Dense(nn.Module):
+    """Fully connected layer ``y = x W + b`` (``W`` stored ``[in, out]``)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _get_or_init(self, "kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = _get_or_init(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        return dispatch.dense(x, kernel, bias, dtype=self.dtype)
+
+
+class Conv(nn.Module):
+    """2-D convolution on NHWC inputs, kernel stored HWIO.
+
+    ``padding`` is an int (symmetric), or explicit ``((top, bottom), (left, right))``.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int | Sequence[tuple[int, int]] = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = _get_or_init(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        bias = _get_or_init(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        pad = self.padding
+        if isinstance(pad, int):
+            pad = ((pad, pad), (pad, pad))
+        return dispatch.conv2d(x, kernel, bias, strides=(self.strides, self.strides), padding=pad, dtype=self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over NHWC (or N…C) inputs, statistics in float32 as PyTorch computes them."""
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        shape = xf.shape
+        g = xf.reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = g.reshape(shape) * scale + bias
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, float32 statistics."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal timestep embedding with diffusers' ``flip_sin_to_cos``/``freq_shift``.
+
+    Frequencies are ``exp(-log(max_period) * i / (dim/2 - freq_shift))``; the output is
+    ``[sin, cos]`` (``[cos, sin]`` when flipped), zero-padded when ``dim`` is odd.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    freqs = jnp.exp(exponent)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :] * scale
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def upsample_nearest2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2× upsampling of NHWC ``x``."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -1,0 +1,1 @@
+"""Quantized weight types and the one dense/conv dispatch point."""

@@ -1,0 +1,1 @@
+"""Training the small models jaxquant ships (optax, EMA, orbax resume, progress bar)."""
