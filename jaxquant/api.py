@@ -79,7 +79,7 @@ class Model:
         x = jax.ShapeDtypeStruct((1, h, h, c.in_channels), jnp.float32)
         t = jax.ShapeDtypeStruct((1,), jnp.int32)
         y = jax.ShapeDtypeStruct((1,), jnp.int32) if self.is_class_conditional else None
-        expected = jax.eval_shape(lambda: self.module.init(jax.random.key(0), x, t, y))["params"]
+        expected = jax.eval_shape(lambda x, t, y: self.module.init(jax.random.key(0), x, t, y), x, t, y)["params"]
         check_param_tree(expected, self.params, where=str(self.path or "the parameters"))
 
     def __repr__(self) -> str:
