@@ -17,4 +17,9 @@ def build_network(architecture: str, model_config: dict, dtype: Any = None):
 
         cfg = UNet2DConfig.from_dict(model_config)
         return UNet2DModel(cfg, dtype=dtype), cfg
-    raise ConfigError(f"unknown architecture {architecture!r} in the model directory (known: unet2d)")
+    if architecture == "ldm":
+        from jaxquant.models.ldm import LatentDiffusion, LDMConfig
+
+        cfg = LDMConfig.from_dict(model_config)
+        return LatentDiffusion(cfg, dtype=dtype), cfg
+    raise ConfigError(f"unknown architecture {architecture!r} in the model directory (known: unet2d, ldm)")

@@ -54,6 +54,10 @@ class TrainConfig:
 _Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output("loss"))
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warm-up then constant rate, and global-norm clipping."""
     sched = optax.join_schedules(
@@ -130,7 +134,7 @@ def train(
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, state.step, cfg.ema_decay)
         new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return new, {"loss": loss, "grad_norm": _global_norm(grads), **aux}
 
     log_path = run_dir / "train_log.jsonl"
     batches = epoch_batches(num_examples, cfg.batch_size, cfg.seed, start)
