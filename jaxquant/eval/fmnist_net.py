@@ -6,7 +6,7 @@ A small all-convolutional network (GroupNorm, SiLU) on 32×32 grayscale inputs:
 output     tensor                                      used for
 =========  ==========================================  ==========================
 ``pool``   256-d penultimate activations               FID-type distance, P/R
-``spatial``16×16×32 activations of the second stage    sFID-type distance (first 7 channels)
+``spatial``8×8×64 activations of the third stage      sFID-type distance (first 7 channels)
 ``logits`` 10 classes                                  IS-type score, accuracy
 =========  ==========================================  ==========================
 
@@ -43,7 +43,7 @@ class FmnistNet(nn.Module):
             for j in range(2):
                 h = Conv(w, 3, padding=1, name=f"stage{i}.conv{j}")(h)
                 h = nn.silu(GroupNorm(self.groups, 1e-5, name=f"stage{i}.norm{j}")(h))
-            if i == 1:
+            if i == 2:
                 feats["spatial"] = h
             h = nn.max_pool(h, (2, 2), (2, 2))
         h = h.reshape(h.shape[0], -1)
@@ -90,5 +90,5 @@ def fmnist_feature_net(weights: str = "fmnist-classifier"):
         return net.apply(variables, x)[1]
 
     return make_feature_net("fmnist", net, {"params": params}, input_size=32,
-                            spatial_layer="stage1.norm1 (16x16x32)", apply_fn=apply_fn,
+                            spatial_layer="stage2.norm1 (8x8x64)", apply_fn=apply_fn,
                             prepare=preprocess)

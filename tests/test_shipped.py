@@ -1,0 +1,51 @@
+"""The shipped models load by name and the demo runs on them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxquant
+from jaxquant import cli
+from jaxquant.data.fmnist import DEFAULT_DIR
+from jaxquant.io.model_dir import ASSETS_DIR, shipped_models
+
+
+def test_shipped_files_stay_small():
+    files = [p for p in ASSETS_DIR.rglob("*") if p.is_file()]
+    assert files, "no shipped assets"
+    assert max(p.stat().st_size for p in files) < 25 * 2**20
+    assert sum(p.stat().st_size for p in files) < 60 * 2**20
+
+
+def test_ddpm_fmnist_loads_by_name_and_has_a_card():
+    assert "ddpm-fmnist" in shipped_models()
+    m = jaxquant.load("ddpm-fmnist")
+    n = sum(int(np.prod(np.shape(v))) for v in __import__("jax").tree_util.tree_leaves(m.params))
+    assert 2e6 <= n <= 8e6
+    assert m.sample_shape == (32, 32, 1) and not m.is_class_conditional
+    assert any(b.startswith("Attn") for b in m.config["down_block_types"])
+    assert (ASSETS_DIR / "ddpm-fmnist" / "MODEL_CARD.md").is_file()
+    eps = m(np.zeros((2, 32, 32, 1), np.float32), [10, 900])
+    assert eps.shape == (2, 32, 32, 1) and np.all(np.isfinite(eps))
+
+
+def test_demo_writes_a_grid_of_distinct_images(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--num", "4", "--steps", "5"]) == 0
+    assert "ddpm-fmnist-samples.png" in capsys.readouterr().out
+    arr = np.load(tmp_path / "ddpm-fmnist-samples.npz")["arr_0"]
+    assert arr.shape == (4, 32, 32, 1) and arr.dtype == np.uint8
+    assert len({a.tobytes() for a in arr}) == 4 and arr.std() > 10
+    assert (tmp_path / "ddpm-fmnist-samples.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not Path(DEFAULT_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+def test_shipped_classifier_reaches_92_percent_on_the_test_set():
+    from jaxquant.data import load_fashion_mnist
+    from jaxquant.eval.features import extract_features, get_feature_net
+
+    x, y = load_fashion_mnist("test", as_uint8=True)
+    feats = extract_features(get_feature_net("fmnist"), x, batch_size=1000)
+    assert feats["pool"].shape == (10_000, 256) and feats["spatial"].shape == (10_000, 8, 8, 64)
+    acc = float((feats["logits"].argmax(-1) == y).mean())
+    assert acc >= 0.92
