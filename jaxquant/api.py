@@ -72,6 +72,24 @@ class Model:
             y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (x.shape[0],))
         return self._jitted(self.params, x, t, y)
 
+    @functools.cached_property
+    def _jitted_first_stage(self):
+        if not hasattr(self.module, "encode"):
+            from jaxquant.errors import ConfigError
+
+            raise ConfigError(f"a {self.architecture!r} model has no first stage: encode/decode need a latent-diffusion (ldm) model")
+        enc = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method="encode"))
+        dec = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method="decode"))
+        return enc, dec
+
+    def encode(self, images: Any) -> jax.Array:
+        """Latent-diffusion models: NHWC images in [-1, 1] → scaled latents (first-stage encoder)."""
+        return self._jitted_first_stage[0](self.params, jnp.asarray(images, jnp.float32))
+
+    def decode(self, latents: Any) -> jax.Array:
+        """Latent-diffusion models: scaled latents → NHWC images in about [-1, 1] (first-stage decoder)."""
+        return self._jitted_first_stage[1](self.params, jnp.asarray(latents, jnp.float32))
+
     def _check_params(self) -> None:
         """Compare the loaded tree with the architecture's expected tree (names and shapes)."""
         c = self.network_config
@@ -83,25 +101,38 @@ class Model:
         check_param_tree(expected, self.params, where=str(self.path or "the parameters"))
 
     def __repr__(self) -> str:
-        n = sum(int(np.prod(np.shape(v))) for v in jax.tree_util.tree_leaves(self.params))
+        from jaxquant.quant import serialize
+
+        leaves = jax.tree_util.tree_leaves(self.params, is_leaf=serialize.is_container)
+        n = sum(serialize.represented_size(v) for v in leaves)
         return f"Model({self.architecture}, {n / 1e6:.2f}M parameters, path={self.path})"
 
 
 def check_param_tree(expected: dict, actual: dict, where: str) -> None:
-    """Raise :class:`CheckpointError` listing missing/unexpected names and shape mismatches."""
+    """Raise :class:`CheckpointError` listing missing/unexpected names and shape mismatches.
+
+    A quantized weight container in ``actual`` is compared by the shape of the float
+    weight it replaces (its ``shape`` field); containers that add parameters of their
+    own (registered with ``replaces_weight=False``) may sit where ``expected`` has none.
+    """
     from jaxquant.io.model_dir import flatten_params
+    from jaxquant.quant import serialize
 
     e, a = flatten_params(expected), flatten_params(actual)
     missing = sorted(set(e) - set(a))
-    unexpected = sorted(set(a) - set(e))
+    unexpected = sorted(k for k in set(a) - set(e)
+                        if not (serialize.is_container(a[k]) and not serialize.container_type(a[k]).replaces_weight))
     problems = []
     if missing:
         problems.append(f"missing: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
     if unexpected:
         problems.append(f"unexpected: {', '.join(unexpected[:20])}{' …' if len(unexpected) > 20 else ''}")
     for k in sorted(set(e) & set(a)):
-        if tuple(np.shape(e[k])) != tuple(np.shape(a[k])):
-            problems.append(f"shape of {k}: expected {tuple(np.shape(e[k]))}, found {tuple(np.shape(a[k]))}")
+        want, found = tuple(np.shape(e[k])), serialize.logical_shape(a[k])
+        if want != found:
+            entry = serialize.container_type(a[k])
+            what = f"a {entry.name!r} quantized weight of shape {found}" if entry else f"{found}"
+            problems.append(f"shape of {k}: expected {want}, found {what}")
     if problems:
         raise CheckpointError(f"{where} do not match the architecture in config.json: " + "; ".join(problems))
 

@@ -18,7 +18,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             from checkpoints_convert.diffusers import convert_diffusers
         except ImportError as e:
             raise JaxquantError(f"conversion needs the torch extra ({e}); install it with: pip install 'jaxquant[torch]'") from None
+        if args.config is not None:
+            raise JaxquantError("--config applies to --from compvis only (a diffusers folder carries its config.json)")
         out = convert_diffusers(args.src, args.out)
+    elif args.source_format == "compvis":
+        if args.config is None:
+            raise JaxquantError("--from compvis needs the model's YAML: --config configs/latent-diffusion/cin256-v2.yaml")
+        try:
+            from checkpoints_convert.compvis import convert_compvis
+        except ImportError as e:
+            raise JaxquantError(f"conversion needs the torch extra ({e}); install it with: pip install 'jaxquant[torch]'") from None
+        out = convert_compvis(args.src, args.config, args.out)
     else:
         raise JaxquantError(f"unknown --from {args.source_format!r}")
     print(f"wrote {out}")
@@ -38,6 +48,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         images, _ = load_fashion_mnist("train", args.data_dir)
         out = train_ddpm(args.run_dir, images, FMNIST_UNET, cfg, export_dir=args.export,
                          extra_meta={"data": "Fashion-MNIST train (60 000), padded to 32x32, [-1, 1]"})
+    elif args.what == "classifier":
+        from jaxquant.data import load_fashion_mnist
+        from jaxquant.train.classifier import train_classifier
+
+        out, acc = train_classifier(args.run_dir, load_fashion_mnist("train", args.data_dir),
+                                    load_fashion_mnist("test", args.data_dir), cfg, export_dir=args.export)
+        print(f"test accuracy {acc:.4f}")
     else:
         raise JaxquantError(f"unknown training target {args.what!r}")
     print(f"wrote {out}")
@@ -77,13 +94,92 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxquant.eval.evaluate import evaluate, format_report
+
+    result = evaluate(args.samples, args.ref, args.features, batch_size=args.batch_size,
+                      num_samples=args.num, progress=not args.no_progress)
+    print(format_report(result))
+    if args.json is not None:
+        out = Path(args.json)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            raise JaxquantError(f"cannot write {out}: {e}") from None
+        print(f"wrote {out}")
+    return 0
+
+
+def info_report(model: str) -> dict:
+    """Storage of a model directory as a JSON-able dict (what ``jaxquant info --json`` prints).
+
+    Keys: ``model``, ``architecture``, ``layers`` (one row per stored leaf: name, kind,
+    config, num_weights, bits, bytes, bits_per_weight, detail), ``totals`` (all leaves
+    and the quantized ones) and ``disk`` (bytes of ``params/`` on disk).
+    """
+    from jaxquant.io.model_dir import load_model_dir, params_disk_bytes, resolve_model_path
+    from jaxquant.quant.accounting import storage_report
+
+    path = resolve_model_path(model)
+    meta, params = load_model_dir(path)
+    report = storage_report(params)
+    q = report.quantized
+    layers = [{"name": r.name, "kind": r.kind, "config": r.config or r.kind, "num_weights": r.num_weights,
+               "bits": r.bits, "bytes": -(-r.bits // 8), "bits_per_weight": r.bits_per_weight,
+               "detail": r.detail} for r in report.layers]
+    disk = params_disk_bytes(path)
+    return {
+        "model": str(path),
+        "architecture": meta.architecture,
+        "layers": layers,
+        "totals": {
+            "layers": len(report.layers), "num_weights": report.num_weights, "bits": report.total_bits,
+            "bytes": report.total_bytes, "bits_per_weight": report.bits_per_weight,
+            "quantized_layers": len(q), "quantized_weights": sum(r.num_weights for r in q),
+            "quantized_bits": sum(r.bits for r in q),
+            "bits_per_quantized_weight": report.bits_per_quantized_weight if q else None,
+        },
+        "disk": {"params_bytes": disk, "params_bytes_over_accounted": disk / max(report.total_bytes, 1)},
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxquant.quant.accounting import LayerStorage, StorageReport
+
+    info = info_report(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    report = StorageReport([LayerStorage(r["name"], r["kind"], r["num_weights"], r["bits"], r["detail"], r["config"])
+                            for r in info["layers"]])
+    t = info["totals"]
+    print(f"{info['model']} ({info['architecture']})")
+    print(report.table())
+    line = f"average bits per weight: {t['bits_per_weight']:.3f} over all {t['num_weights']} weights"
+    if t["quantized_layers"]:
+        line += (f"; {t['bits_per_quantized_weight']:.3f} per quantized weight "
+                 f"({t['quantized_weights']} weights in {t['quantized_layers']} layers)")
+    print(line)
+    d = info["disk"]
+    print(f"params/ on disk: {d['params_bytes']} bytes ({d['params_bytes_over_accounted']:.3f} x the "
+          f"{t['bytes']} bytes accounted; the rest is orbax metadata, less its zstd compression)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a PyTorch checkpoint to a jaxquant model directory")
-    c.add_argument("src", help="diffusers folder (config.json + diffusion_pytorch_model.safetensors|.bin)")
-    c.add_argument("--from", dest="source_format", required=True, choices=["diffusers"])
+    c.add_argument("src", help="diffusers folder (config.json + diffusion_pytorch_model.safetensors|.bin), "
+                   "or a CompVis .ckpt/.safetensors with --from compvis")
+    c.add_argument("--from", dest="source_format", required=True, choices=["diffusers", "compvis"])
+    c.add_argument("--config", default=None, help="--from compvis: the model's YAML (e.g. cin256-v2.yaml)")
     c.add_argument("--out", required=True, help="output model directory")
     c.set_defaults(fn=_cmd_convert)
     s = sub.add_parser("sample", help="sample images; writes an ADM-style .npz and a PNG grid")
@@ -106,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     tr = sub.add_parser("train", help="train one of the small shipped models (resumes from --run-dir)")
-    tr.add_argument("what", choices=["ddpm"])
+    tr.add_argument("what", choices=["ddpm", "classifier"])
     tr.add_argument("--run-dir", required=True, help="checkpoints and log; rerun to resume")
     tr.add_argument("--export", default=None, help="model directory for the EMA weights (default RUN_DIR/model)")
     tr.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
@@ -118,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=int, default=250)
     tr.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval", help="FID / sFID / IS / precision-recall of samples against a reference")
+    ev.add_argument("samples", help="samples .npz (arr_0: uint8 [N, H, W, C], as written by `jaxquant sample`)")
+    ev.add_argument("--ref", required=True, help="reference .npz (guided-diffusion batch) or a built-in "
+                    "reference: fashion-mnist-test, fashion-mnist-train")
+    ev.add_argument("--features", required=True, metavar="NET",
+                    help="feature network: inception, efficientnet-lite0 or fmnist (numbers from a network "
+                    "other than inception are labelled with its name)")
+    ev.add_argument("--batch-size", type=int, default=100, help="images per feature-network call")
+    ev.add_argument("--num", type=int, default=None, help="use only the first N samples")
+    ev.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(fn=_cmd_eval)
+
+    inf = sub.add_parser("info", help="per-layer storage of a model directory: bytes, bits per weight, size on disk")
+    inf.add_argument("model", help="model directory or shipped name")
+    inf.add_argument("--json", action="store_true", help="print the table and totals as JSON")
+    inf.set_defaults(fn=_cmd_info)
     return p
 
 

@@ -1,5 +1,6 @@
-"""Noise schedules and samplers (DDPM, DDIM) matching diffusers' schedulers."""
+"""Noise schedules and samplers (DDPM, DDIM) matching diffusers' schedulers; classifier-free guidance."""
 
+from jaxquant.diffusion.guidance import guided_eps
 from jaxquant.diffusion.samplers import (
     SAMPLERS,
     ddim_step,
@@ -34,4 +35,5 @@ __all__ = [
     "step_noise",
     "sample",
     "make_sampler",
+    "guided_eps",
 ]

@@ -3,9 +3,19 @@
 ```
 MODEL_DIR/
   config.json   {"format": "jaxquant-model", "format_version": 1,
-                 "architecture": "unet2d", "model": {...}, "schedule": {...}, ...}
+                 "architecture": "unet2d", "model": {...}, "schedule": {...}, ...,
+                 "checksums": {"algorithm": "crc32", "arrays": {"dotted.path": int}},
+                 "quantization": {"written_by": ..., "layers": {...}}}   (quantized only)
   params/       orbax PyTree checkpoint of the parameter tree
 ```
+
+A quantized tree is stored as plain arrays: each weight container becomes a dict of
+its array fields and is described in ``"quantization"`` (see
+:mod:`jaxquant.quant.serialize`); such directories have ``format_version`` 2, so a
+jaxquant that cannot rebuild quantized weights refuses them instead of misreading them.
+``"checksums"`` holds a CRC-32 of every stored array (dtype and shape included):
+orbax detects a truncated file but restores flipped bytes silently, so loading compares
+them (directories written without checksums load unchecked).
 
 The parameter tree is nested dicts keyed by module name; the dotted path of a leaf's
 parent is the layer's name in the source checkpoint. Shipped models live in
@@ -27,6 +37,10 @@ from jaxquant.errors import CheckpointError
 
 FORMAT = "jaxquant-model"
 FORMAT_VERSION = 1
+#: ``format_version`` of directories holding quantized weight containers.
+QUANTIZED_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION)
+CHECKSUMS_KEY = "checksums"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -71,8 +85,15 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def save_model_dir(path: str | os.PathLike, meta: ModelDirMeta, params: Any, *, overwrite: bool = True) -> Path:
-    """Write ``meta`` and ``params`` to ``path`` (replacing an existing model directory)."""
+    """Write ``meta`` and ``params`` to ``path`` (replacing an existing model directory).
+
+    ``params`` may hold quantized weight containers registered with
+    :func:`jaxquant.quant.serialize.register_container`; their manifest goes to
+    ``config.json`` (``"quantization"``) and the directory gets ``format_version`` 2.
+    """
     import orbax.checkpoint as ocp
+
+    from jaxquant.quant.serialize import MANIFEST_KEY, to_storable
 
     path = Path(path).expanduser().resolve()
     if path.exists():
@@ -81,9 +102,16 @@ def save_model_dir(path: str | os.PathLike, meta: ModelDirMeta, params: Any, *, 
         if path.is_dir() and (path / "params").exists():
             shutil.rmtree(path / "params")
     path.mkdir(parents=True, exist_ok=True)
-    params_np = _to_numpy_tree(params)
+    plain, manifest = to_storable(params)
+    params_np = _to_numpy_tree(plain)
     ocp.PyTreeCheckpointer().save(str(path / "params"), params_np)
-    (path / "config.json").write_text(json.dumps(meta.to_json(), indent=2, sort_keys=False) + "\n")
+    cfg = meta.to_json()
+    cfg.pop(MANIFEST_KEY, None)  # a manifest read with the meta describes other params
+    cfg[CHECKSUMS_KEY] = {"algorithm": "crc32", "arrays": array_checksums(params_np)}
+    if manifest["layers"]:
+        cfg["format_version"] = QUANTIZED_FORMAT_VERSION
+        cfg[MANIFEST_KEY] = manifest
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -102,16 +130,31 @@ def read_meta(path: str | os.PathLike) -> ModelDirMeta:
         if raw.get("_class_name") or (path / "diffusion_pytorch_model.safetensors").exists():
             hint = f"; it looks like a diffusers folder: convert it with `jaxquant convert --from diffusers {path} --out MODEL_DIR`"
         raise CheckpointError(f"'{cfg_file}' is not a jaxquant model config{hint}")
-    if raw.get("format_version") != FORMAT_VERSION:
+    version = raw.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        newer = isinstance(version, int) and version > max(READABLE_FORMAT_VERSIONS)
         raise CheckpointError(
-            f"'{cfg_file}' has format_version {raw.get('format_version')!r}; this jaxquant reads version {FORMAT_VERSION}")
+            f"'{cfg_file}' has format_version {version!r}; this jaxquant reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
+            + ("; the directory was written by a newer jaxquant: upgrade (pip install -U jaxquant)" if newer else ""))
     extra = {k: v for k, v in raw.items() if k not in ("format", "format_version", "architecture", "model", "schedule")}
     return ModelDirMeta(raw["architecture"], raw["model"], raw.get("schedule", {}), extra)
 
 
 def load_model_dir(name_or_path: str | os.PathLike) -> tuple[ModelDirMeta, dict]:
-    """Read a model directory (or shipped model name): ``(meta, params as numpy tree)``."""
+    """Read a model directory (or shipped model name): ``(meta, params as numpy tree)``.
+
+    Quantized weights come back as their containers (``UniformWeight``, …), rebuilt from
+    the ``"quantization"`` manifest; arrays are checked against the recorded checksums.
+    ``meta.extra`` does not keep the manifest or the checksums (they describe the file).
+
+    Raises:
+      CheckpointError: missing/unreadable/corrupted files, a quantizer type or version
+        this jaxquant cannot read, or params/ not matching config.json.
+    """
     import orbax.checkpoint as ocp
+
+    from jaxquant.quant.serialize import MANIFEST_KEY, from_storable
 
     path = resolve_model_path(name_or_path)
     meta = read_meta(path)
@@ -120,8 +163,53 @@ def load_model_dir(name_or_path: str | os.PathLike) -> tuple[ModelDirMeta, dict]
     try:
         params = ocp.PyTreeCheckpointer().restore(str(path / "params"))
     except Exception as e:  # orbax raises many types for damaged files
-        raise CheckpointError(f"cannot read the parameters in '{path / 'params'}': {type(e).__name__}: {e}") from None
-    return meta, params
+        raise CheckpointError(f"cannot read the parameters in '{path / 'params'}' (truncated or damaged files?): "
+                              f"{type(e).__name__}: {e}") from None
+    manifest = meta.extra.pop(MANIFEST_KEY, None)
+    checksums = meta.extra.pop(CHECKSUMS_KEY, None)
+    if checksums is not None:
+        _verify_checksums(path / "params", params, checksums)
+    return meta, from_storable(params, manifest)
+
+
+def array_checksums(tree: dict) -> dict[str, int]:
+    """``{dotted path: CRC-32}`` of every array of a nested dict (dtype and shape included)."""
+    import zlib
+
+    out = {}
+    for name, a in flatten_params(tree).items():
+        a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        head = zlib.crc32(f"{a.dtype.str}{a.shape}".encode())
+        out[name] = zlib.crc32(a.reshape(-1).view(np.uint8), head)
+    return out
+
+
+def _verify_checksums(where: Path, params: dict, checksums: Any) -> None:
+    recorded = checksums.get("arrays") if isinstance(checksums, dict) else None
+    if not isinstance(recorded, dict) or checksums.get("algorithm") != "crc32":
+        raise CheckpointError(f"the checksums in config.json next to '{where}' are malformed; config.json is damaged")
+    actual = array_checksums(params)
+    missing = sorted(set(recorded) - set(actual))
+    if missing:
+        raise CheckpointError(f"array(s) {', '.join(missing[:10])}{' …' if len(missing) > 10 else ''} recorded in "
+                              f"config.json are missing from '{where}': the model directory is incomplete")
+    unexpected = sorted(set(actual) - set(recorded))
+    if unexpected:
+        raise CheckpointError(f"'{where}' holds array(s) {', '.join(unexpected[:10])} not recorded in config.json: "
+                              "params/ and config.json do not belong together")
+    bad = [k for k in actual if actual[k] != recorded[k]]
+    if bad:
+        raise CheckpointError(f"array(s) {', '.join(bad[:10])}{' …' if len(bad) > 10 else ''} in '{where}' do not "
+                              "match their checksums in config.json: the files are corrupted; re-export or "
+                              "re-download the model directory")
+
+
+def params_disk_bytes(name_or_path: str | os.PathLike) -> int:
+    """Bytes on disk of all files under a model directory's ``params/``."""
+    params = resolve_model_path(name_or_path) / "params"
+    return sum(f.stat().st_size for f in params.rglob("*") if f.is_file())
 
 
 def _to_numpy_tree(tree: Any) -> Any:

@@ -19,6 +19,17 @@ from jaxquant.quant import dispatch
 Dtype = Any
 
 
+def optional_param(module: nn.Module, name: str) -> Any:
+    """A parameter that exists only in quantized trees (e.g. ``input_quant``), else None."""
+    return module.get_variable("params", name) if module.has_variable("params", name) else None
+
+
+def record(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Expose an activation to calibration (a no-op unless ``"calib"`` is mutable)."""
+    if not module.is_initializing():
+        module.sow("calib", name, x)
+
+
 def _get_or_init(module: nn.Module, name: str, init_fn, shape, dtype=jnp.float32):
     # `Module.param` compares the stored value's leaf shapes with the initializer's
     # shape; a quantized container has other leaves, so read existing values directly.
@@ -39,7 +50,8 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _get_or_init(self, "kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = _get_or_init(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-        return dispatch.dense(x, kernel, bias, dtype=self.dtype)
+        record(self, "input", x)
+        return dispatch.dense(x, kernel, bias, act_quant=optional_param(self, "input_quant"), dtype=self.dtype)
 
 
 class Conv(nn.Module):
@@ -64,7 +76,9 @@ class Conv(nn.Module):
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
-        return dispatch.conv2d(x, kernel, bias, strides=(self.strides, self.strides), padding=pad, dtype=self.dtype)
+        record(self, "input", x)
+        return dispatch.conv2d(x, kernel, bias, strides=(self.strides, self.strides), padding=pad,
+                               act_quant=optional_param(self, "input_quant"), dtype=self.dtype)
 
 
 class GroupNorm(nn.Module):
@@ -106,6 +120,47 @@ class LayerNorm(nn.Module):
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
+              probs_fn: Any = None) -> jax.Array:
+    """Multi-head scaled dot-product attention on ``[B, L, heads*d]`` tensors.
+
+    Scores and softmax are computed in float32 (diffusers' ``upcast_softmax``);
+    ``probs_fn`` (e.g. a quantizer) is applied to the softmax output.
+    """
+    b, lq, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, lq, heads, d).astype(jnp.float32)
+    kh = k.reshape(b, k.shape[1], heads, d).astype(jnp.float32)
+    vh = v.reshape(b, v.shape[1], heads, d)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, precision=jax.lax.Precision.HIGHEST) * (d ** -0.5)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if probs_fn is not None:
+        probs = probs_fn(probs)
+    probs = probs.astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(b, lq, inner)
+
+
+#: Activation-only quantization sites of an attention module: the operands of its two
+#: matmuls (q·kᵀ and softmax·v).
+ATTENTION_SITES = ("q", "k", "v", "probs")
+
+
+def attend(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """:func:`attention` inside ``module`` with its matmul operands exposed as sites.
+
+    Each operand is recorded for calibration and passed through the quantizer stored
+    at ``<module>.<site>_quant`` when the parameter tree has one.
+    """
+    def site(name: str, x: jax.Array) -> jax.Array:
+        record(module, name, x)
+        aq = optional_param(module, f"{name}_quant")
+        return x if aq is None else aq(x)
+
+    q, k, v = site("q", q), site("k", k), site("v", v)
+    return attention(q, k, v, heads, probs_fn=lambda p: site("probs", p))
 
 
 def timestep_embedding(

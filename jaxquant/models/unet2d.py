@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.errors import ConfigError
-from jaxquant.models.layers import Conv, Dense, GroupNorm, timestep_embedding, upsample_nearest2x
+from jaxquant.models.layers import Conv, Dense, GroupNorm, attend, attention, timestep_embedding, upsample_nearest2x  # noqa: F401
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -223,26 +223,10 @@ class SpatialSelfAttention(nn.Module):
         q = Dense(inner, dtype=self.dtype, name="to_q")(h)
         k = Dense(inner, dtype=self.dtype, name="to_k")(h)
         v = Dense(inner, dtype=self.dtype, name="to_v")(h)
-        out = attention(q, k, v, self.heads)
+        out = attend(self, q, k, v, self.heads)
         out = Dense(c, dtype=self.dtype, name="to_out.0")(out)
         out = out.reshape(b, hgt, wid, c)
         return (out + x) / self.rescale_output_factor
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Multi-head scaled dot-product attention on ``[B, L, heads*d]`` tensors.
-
-    Scores and softmax are computed in float32 (diffusers' ``upcast_softmax``).
-    """
-    b, lq, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, lq, heads, d).astype(jnp.float32)
-    kh = k.reshape(b, k.shape[1], heads, d).astype(jnp.float32)
-    vh = v.reshape(b, v.shape[1], heads, d)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, precision=jax.lax.Precision.HIGHEST) * (d ** -0.5)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh, precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(b, lq, inner)
 
 
 class UNet2DModel(nn.Module):

@@ -58,10 +58,16 @@ def dense(
     kernel: Any,
     bias: jax.Array | None = None,
     *,
+    act_quant: Callable[[jax.Array], jax.Array] | None = None,
     dtype: Any = jnp.float32,
     precision: Any = lax.Precision.HIGHEST,
 ) -> jax.Array:
-    """``x @ kernel + bias`` with ``kernel`` of shape ``[in, out]`` in any stored form."""
+    """``x @ kernel + bias`` with ``kernel`` of shape ``[in, out]`` in any stored form.
+
+    ``act_quant`` (an activation quantizer) is applied to ``x`` first.
+    """
+    if act_quant is not None:
+        x = act_quant(x)
     fused = _DENSE_KERNELS.get(type(kernel))
     if fused is not None:
         y = fused(x.astype(dtype), kernel)
@@ -80,10 +86,17 @@ def conv2d(
     *,
     strides: Sequence[int] = (1, 1),
     padding: Sequence[tuple[int, int]] | str = ((0, 0), (0, 0)),
+    act_quant: Callable[[jax.Array], jax.Array] | None = None,
     dtype: Any = jnp.float32,
     precision: Any = lax.Precision.HIGHEST,
 ) -> jax.Array:
-    """2-D convolution of NHWC ``x`` with an HWIO ``kernel`` in any stored form."""
+    """2-D convolution of NHWC ``x`` with an HWIO ``kernel`` in any stored form.
+
+    ``act_quant`` (an activation quantizer) is applied to ``x`` first; zero padding
+    stays exact since every quantizer represents 0.
+    """
+    if act_quant is not None:
+        x = act_quant(x)
     fused = _CONV_KERNELS.get(type(kernel))
     if fused is not None:
         y = fused(x.astype(dtype), kernel, strides=tuple(strides), padding=padding)
