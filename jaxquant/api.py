@@ -58,7 +58,15 @@ class Model:
         return (c.sample_size, c.sample_size, c.out_channels)
 
     def apply(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
-        """Pure forward pass ``f(params, x, t, y)``; use this inside your own jit/vmap."""
+        """Pure forward pass ``f(params, x, t, y)``; use this inside your own jit/vmap.
+
+        Activation quantizers with several timestep groups use the group of ``t[0]``
+        (the group travels with the call; see :mod:`jaxquant.quant.activation`).
+        """
+        from jaxquant.quant.activation import at_timesteps, has_act_quant
+
+        if has_act_quant(params):
+            params = at_timesteps(params, t, self.schedule.num_train_timesteps)
         return self.module.apply({"params": params}, x, t, y)
 
     @functools.cached_property
@@ -127,12 +135,14 @@ def check_param_tree(expected: dict, actual: dict, where: str) -> None:
         problems.append(f"missing: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
     if unexpected:
         problems.append(f"unexpected: {', '.join(unexpected[:20])}{' …' if len(unexpected) > 20 else ''}")
+    shapes = []
     for k in sorted(set(e) & set(a)):
         want, found = tuple(np.shape(e[k])), serialize.logical_shape(a[k])
         if want != found:
             entry = serialize.container_type(a[k])
             what = f"a {entry.name!r} quantized weight of shape {found}" if entry else f"{found}"
-            problems.append(f"shape of {k}: expected {want}, found {what}")
+            shapes.append(f"shape of {k}: expected {want}, found {what}")
+    problems += shapes[:10] + ([f"… and {len(shapes) - 10} more shape mismatches"] if len(shapes) > 10 else [])
     if problems:
         raise CheckpointError(f"{where} do not match the architecture in config.json: " + "; ".join(problems))
 

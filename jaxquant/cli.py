@@ -171,6 +171,73 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calib_config(args: argparse.Namespace, xtx: bool):
+    from jaxquant.calib import CalibConfig
+
+    return CalibConfig(num_samples=args.num_samples, steps=args.steps, groups=args.groups or 1,
+                       batch_size=args.batch_size, cfg_scale=args.cfg_scale, seed=args.seed,
+                       reservoir=args.reservoir, xtx=xtx, memory_limit_mb=args.memory_limit_mb)
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps per trajectory")
+    p.add_argument("--groups", type=int, default=1, help="timestep groups (a scale per group)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (class-conditional models)")
+    p.add_argument("--reservoir", type=int, default=4096, help="activation values kept per site and group")
+    p.add_argument("--memory-limit-mb", type=int, default=2048, help="bound on XᵀX accumulators held at once")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import jaxquant
+    from jaxquant.calib import calibrate
+
+    model = jaxquant.load(args.model)
+    calib = calibrate(model, _calib_config(args, xtx=not args.no_xtx), out_dir=args.out)
+    print(f"wrote {args.out}: {len(calib.sites)} sites, {calib.inputs.shape[1]} trajectories x "
+          f"{calib.inputs.shape[0]} steps, {calib.config.groups} timestep group(s)")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import jaxquant
+    from jaxquant.calib import calibrate, load_calibration
+    from jaxquant.io.model_dir import save_model_dir
+    from jaxquant.quant.accounting import storage_report
+    from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
+    from jaxquant.quant.rules import load_rules
+    from jaxquant.quant.uniform import WeightQuantConfig
+
+    if args.method != "uniform":
+        raise JaxquantError(f"--method {args.method} is not available yet (available: uniform)")
+    model = jaxquant.load(args.model)
+    wcfg = WeightQuantConfig(bits=args.w_bits, symmetric=args.symmetric, group_size=args.group_size)
+    acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
+    rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
+    calib = None
+    if acfg.bits is not None:
+        if args.calib:
+            calib = load_calibration(args.calib)
+            if args.groups not in (None, calib.config.groups):
+                raise JaxquantError(f"--groups {args.groups} differs from the calibration's {calib.config.groups} groups")
+        else:
+            calib = calibrate(model, _calib_config(args, xtx=False))
+    params = quantize_uniform(model, calib, wcfg, acfg, rules)
+    meta = model.meta
+    meta.extra = {**meta.extra, "quantized": {
+        "method": "uniform", "w_bits": args.w_bits, "a_bits": args.a_bits,
+        "timestep_groups": calib.config.groups if calib else None, "symmetric": args.symmetric,
+        "group_size": args.group_size, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
+        "rules": args.rules, "source": str(model.path)}}
+    save_model_dir(args.out, meta, params)
+    rep = storage_report(params)
+    print(f"wrote {args.out}: {rep.total_bytes} bytes, {rep.bits_per_quantized_weight:.3f} bits per quantized "
+          f"weight, {rep.bits_per_weight:.3f} bits per weight overall")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +294,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(fn=_cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="record layer inputs along the model's own sampling trajectories")
+    cal.add_argument("model", help="model directory or shipped name")
+    _add_calib_args(cal)
+    cal.add_argument("--no-xtx", action="store_true", help="skip the XᵀX statistics (only needed by AQ)")
+    cal.add_argument("--out", required=True, help="calibration directory (rerun to resume)")
+    cal.set_defaults(fn=_cmd_calibrate)
+
+    qz = sub.add_parser("quantize", help="quantize weights (and activations) and write a model directory")
+    qz.add_argument("model", help="model directory or shipped name")
+    qz.add_argument("--method", default="uniform", choices=["uniform", "aq", "rd"])
+    qz.add_argument("--w-bits", type=int, default=4)
+    qz.add_argument("--a-bits", type=lambda v: None if v in ("none", "32", "float") else int(v), default=8,
+                    help="activation bits (4..8, or 'none' to keep activations float)")
+    qz.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")
+    qz.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
+    qz.add_argument("--act-method", choices=["mse", "percentile"], default="mse")
+    qz.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
+    qz.add_argument("--rules", default=None, help="YAML list of {pattern: REGEX, config: {bits: …} | null}")
+    qz.add_argument("--calib", default=None, help="calibration directory (default: calibrate now)")
+    _add_calib_args(qz)
+    qz.set_defaults(groups=None)
+    qz.add_argument("--out", required=True, help="output model directory")
+    qz.set_defaults(fn=_cmd_quantize)
 
     inf = sub.add_parser("info", help="per-layer storage of a model directory: bytes, bits per weight, size on disk")
     inf.add_argument("model", help="model directory or shipped name")

@@ -163,8 +163,10 @@ def load_model_dir(name_or_path: str | os.PathLike) -> tuple[ModelDirMeta, dict]
     try:
         params = ocp.PyTreeCheckpointer().restore(str(path / "params"))
     except Exception as e:  # orbax raises many types for damaged files
+        detail = str(e).split(" [tensorstore_spec=")[0]  # drop the long store spec tensorstore appends
+        detail = detail if len(detail) <= 400 else detail[:400] + " …"
         raise CheckpointError(f"cannot read the parameters in '{path / 'params'}' (truncated or damaged files?): "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{type(e).__name__}: {detail}") from None
     manifest = meta.extra.pop(MANIFEST_KEY, None)
     checksums = meta.extra.pop(CHECKSUMS_KEY, None)
     if checksums is not None:

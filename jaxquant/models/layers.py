@@ -58,6 +58,9 @@ class Conv(nn.Module):
     """2-D convolution on NHWC inputs, kernel stored HWIO.
 
     ``padding`` is an int (symmetric), or explicit ``((top, bottom), (left, right))``.
+    ``input_split`` marks an input that is a concatenation (upsampled features, skip
+    connection): the channel where the second part starts, so activation quantizers
+    can give the two parts separate ranges (0: not a concatenation).
     """
 
     features: int
@@ -65,6 +68,7 @@ class Conv(nn.Module):
     strides: int = 1
     padding: int | Sequence[tuple[int, int]] = 1
     use_bias: bool = True
+    input_split: int = 0
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
 

@@ -280,6 +280,7 @@ class ResBlock(nn.Module):
     updown: str | None = None
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    input_split: int = 0  # channels of the first part of a concatenated (h, skip) input
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -289,7 +290,7 @@ class ResBlock(nn.Module):
             h, x = upsample_nearest2x(h), upsample_nearest2x(x)
         elif self.updown == "down":
             h, x = nn.avg_pool(h, (2, 2), strides=(2, 2)), nn.avg_pool(x, (2, 2), strides=(2, 2))
-        h = Conv(self.out_channels, 3, padding=1, dtype=dt, name="in_layers.2")(h)
+        h = Conv(self.out_channels, 3, padding=1, dtype=dt, input_split=self.input_split, name="in_layers.2")(h)
         n = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         e = Dense(n, dtype=dt, name="emb_layers.1")(nn.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
@@ -300,7 +301,8 @@ class ResBlock(nn.Module):
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
         h = Conv(self.out_channels, 3, padding=1, dtype=dt, name="out_layers.3")(h)
         if x.shape[-1] != self.out_channels:
-            x = Conv(self.out_channels, 1, padding=0, dtype=dt, name="skip_connection")(x)
+            x = Conv(self.out_channels, 1, padding=0, dtype=dt, input_split=self.input_split,
+                     name="skip_connection")(x)
         return x + h
 
 
@@ -442,8 +444,8 @@ class OpenAIUNet(nn.Module):
         if context is not None:
             context = context.astype(dt)
 
-        def res(out_ch: int, name: str, updown: str | None = None) -> ResBlock:
-            return ResBlock(out_ch, cfg.use_scale_shift_norm, updown, cfg.dropout, dt, name=name)
+        def res(out_ch: int, name: str, updown: str | None = None, split: int = 0) -> ResBlock:
+            return ResBlock(out_ch, cfg.use_scale_shift_norm, updown, cfg.dropout, dt, split, name=name)
 
         h = Conv(mc, 3, padding=1, dtype=dt, name="input_blocks.0.0")(x.astype(dt))
         hs = [h]
@@ -473,9 +475,10 @@ class OpenAIUNet(nn.Module):
         for level in reversed(range(cfg.num_levels)):
             mult = cfg.channel_mult[level]
             for i in range(cfg.num_res_blocks[level] + 1):
+                split = h.shape[-1]
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 ch = mc * mult
-                h = res(ch, f"output_blocks.{n}.0")(h, emb, det)
+                h = res(ch, f"output_blocks.{n}.0", split=split)(h, emb, det)
                 m = 1
                 if ds in cfg.attention_resolutions:
                     h = self._call_attention(self._attention(ch, "output", f"output_blocks.{n}.1"), h, context)

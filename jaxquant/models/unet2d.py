@@ -177,12 +177,13 @@ class ResnetBlock2D(nn.Module):
     output_scale_factor: float = 1.0
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    input_split: int = 0  # channels of the first part of a concatenated (h, skip) input
 
     @nn.compact
     def __call__(self, x, temb, deterministic: bool = True):
         h = GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x)
         h = nn.silu(h)
-        h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, name="conv1")(h)
+        h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, input_split=self.input_split, name="conv1")(h)
         n = self.out_channels * (2 if self.time_scale_shift == "scale_shift" else 1)
         t = Dense(n, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
         if self.time_scale_shift == "scale_shift":
@@ -194,7 +195,8 @@ class ResnetBlock2D(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = Conv(self.out_channels, 3, padding=1, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = Conv(self.out_channels, 1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(self.out_channels, 1, padding=0, dtype=self.dtype, input_split=self.input_split,
+                     name="conv_shortcut")(x)
         return (x + h) / self.output_scale_factor
 
 
@@ -302,9 +304,10 @@ class UNet2DModel(nn.Module):
         for i, btype in enumerate(cfg.up_block_types):
             out_ch = rev[i]
             for j in range(cfg.layers_per_block + 1):
+                split = h.shape[-1]
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = ResnetBlock2D(out_ch, g, eps, cfg.resnet_time_scale_shift, dropout=cfg.dropout, dtype=dt,
-                                  name=f"up_blocks.{i}.resnets.{j}")(h, temb, det)
+                                  input_split=split, name=f"up_blocks.{i}.resnets.{j}")(h, temb, det)
                 if btype == "AttnUpBlock2D":
                     heads, dh = self._heads(out_ch)
                     h = SpatialSelfAttention(heads, dh, g, eps, dtype=dt, name=f"up_blocks.{i}.attentions.{j}")(h)

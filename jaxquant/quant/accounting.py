@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxquant.quant import dispatch
+from jaxquant.quant import serialize
 
 
 @dataclasses.dataclass
@@ -52,7 +52,8 @@ class StorageReport:
 
     @property
     def quantized(self) -> list[LayerStorage]:
-        return [layer for layer in self.layers if layer.kind in _CONTAINERS]
+        """Quantized weights (containers that replace a weight; not activation quantizers)."""
+        return [layer for layer in self.layers if layer.kind in _CONTAINERS and layer.num_weights > 0]
 
     @property
     def bits_per_weight(self) -> float:
@@ -91,7 +92,7 @@ def _array_bits(a: Any) -> int:
 
 def leaf_storage(name: str, leaf: Any) -> LayerStorage:
     """Storage of one parameter-tree leaf."""
-    if type(leaf) in dispatch._DEQUANTIZERS:
+    if serialize.is_container(leaf):
         parts = {}
         for field in dataclasses.fields(leaf):
             v = getattr(leaf, field.name)
@@ -108,7 +109,7 @@ def leaf_storage(name: str, leaf: Any) -> LayerStorage:
 def storage_report(params: dict) -> StorageReport:
     """Per-leaf storage of a parameter tree, in tree order, named by dotted path."""
     leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: type(x) in dispatch._DEQUANTIZERS)[0]
+        params, is_leaf=serialize.is_container)[0]
     out = []
     for path, leaf in leaves:
         name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)

@@ -118,3 +118,18 @@ def at_timestep_group(params: Any, g: jax.Array | int) -> Any:
 def timestep_group(t: jax.Array, num_groups: int, num_train_timesteps: int) -> jax.Array:
     """Group index of timestep ``t``: ``G`` equal-width bins over ``[0, T)``."""
     return jnp.clip((jnp.asarray(t) * num_groups) // num_train_timesteps, 0, num_groups - 1).astype(jnp.int32)
+
+
+def at_timesteps(params: Any, t: jax.Array, num_train_timesteps: int) -> Any:
+    """``params`` with every :class:`ActQuant` narrowed to the group of timestep ``t[0]``.
+
+    Sampling feeds one timestep per call, so the first entry decides for the batch.
+    """
+    t0 = jnp.asarray(t).reshape(-1)[0]
+    return jax.tree_util.tree_map(
+        lambda a: a.select(timestep_group(t0, a.num_groups, num_train_timesteps)) if is_act_quant(a) else a,
+        params, is_leaf=is_act_quant)
+
+
+def has_act_quant(params: Any) -> bool:
+    return any(is_act_quant(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_act_quant))

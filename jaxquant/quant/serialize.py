@@ -21,12 +21,19 @@ version (:func:`register_container`). Bump the version whenever the meaning or l
 the stored fields changes, and pass ``upgrade`` to keep reading the old versions. A file
 naming a type or a version this jaxquant does not know raises
 :class:`~jaxquant.errors.CheckpointError` saying so, never a wrong model.
+
+Registered here: ``"uniform"`` v1 (:class:`~jaxquant.quant.uniform.UniformWeight`) and
+``"act"`` v1 (:class:`~jaxquant.quant.activation.ActQuant`, which adds parameters such
+as ``<layer>.input_quant`` rather than replacing one). A new container type registers
+itself in its own module and adds that module to :data:`CONTAINER_MODULES`, so loading
+a file that names it imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -167,8 +174,9 @@ def _jaxquant_version() -> str:
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (np.ndarray, np.generic, int, float, bool)) or (hasattr(x, "dtype") and hasattr(x, "shape")
-                                                       and not dataclasses.is_dataclass(x))
+    if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
+        return True
+    return hasattr(x, "dtype") and hasattr(x, "shape") and not dataclasses.is_dataclass(x)  # jax.Array & co.
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -215,7 +223,7 @@ def to_storable(params: Any) -> tuple[dict, dict]:
 
     def visit(node: Any, path: tuple[str, ...]) -> Any:
         name = ".".join(path)
-        if isinstance(node, dict):
+        if isinstance(node, Mapping):  # dict, or flax's FrozenDict
             return {k: visit(v, path + (str(k),)) for k, v in node.items()}
         entry = container_type(node)
         if entry is not None:
@@ -367,10 +375,21 @@ def _validate_uniform(w: Any) -> None:
             raise ValueError(f"{f} should be {np.dtype(dtype)} {shape}, found {found}")
 
 
+def _validate_act(a: Any) -> None:
+    shape = tuple(np.shape(a.scale))
+    if len(shape) != 2 or tuple(np.shape(a.zero)) != shape or shape[1] != (2 if a.split else 1):
+        raise ValueError(f"scale {shape} and zero {tuple(np.shape(a.zero))} should both be "
+                         f"[groups, {2 if a.split else 1}]")
+
+
 def _register_builtin() -> None:
+    from jaxquant.quant.activation import ActQuant
     from jaxquant.quant.uniform import UniformWeight
 
     register_container(UniformWeight, "uniform", 1, validate=_validate_uniform)
+    if ActQuant not in _BY_CLASS:  # unless its module registered it itself
+        # Activation quantizers add parameters (``<layer>.input_quant``, ``<attn>.q_quant``…).
+        register_container(ActQuant, "act", 1, validate=_validate_act, replaces_weight=False)
 
 
 _register_builtin()

@@ -1,0 +1,3 @@
+"""Calibration over timesteps: what each layer sees while the model samples."""
+
+from jaxquant.calib.calibration import CalibConfig, Calibration, calibrate, load_calibration  # noqa: F401

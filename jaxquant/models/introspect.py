@@ -1,0 +1,45 @@
+"""Reading layer attributes (conv geometry, concatenated inputs) off a network by tracing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxquant.models.layers import Conv
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvInfo:
+    kernel_size: int
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    input_split: int
+
+
+def conv_layers(model) -> dict[str, ConvInfo]:
+    """``{layer name: ConvInfo}`` for every :class:`Conv` a model's forward pass calls.
+
+    Found by an abstract (shape-only) forward pass with a method interceptor, so it
+    costs no computation and needs no per-architecture table.
+    """
+    found: dict[str, ConvInfo] = {}
+
+    def interceptor(next_fn, args, kwargs, context):
+        mod = context.module
+        if isinstance(mod, Conv) and context.method_name == "__call__":
+            pad = mod.padding
+            if isinstance(pad, int):
+                pad = ((pad, pad), (pad, pad))
+            found[".".join(mod.scope.path)] = ConvInfo(
+                mod.kernel_size, (mod.strides, mod.strides), tuple(tuple(p) for p in pad), mod.input_split)
+        return next_fn(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, *model.sample_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.is_class_conditional else None
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda p, x, t, y: model.module.apply({"params": p}, x, t, y), model.params, x, t, y)
+    return found

@@ -1,0 +1,133 @@
+"""Quantizing a whole model: weights by rules, activations from a calibration.
+
+:func:`quantize_uniform` is the W{b}A{a} baseline of the diffusion PTQ literature
+(Q-Diffusion's setting without block reconstruction): per-output-channel uniform
+weights with MSE-optimal clipping, per-tensor activations with a range per timestep
+group chosen on the calibration sub-sample (MSE-optimal or a percentile), split ranges
+for concatenated skip inputs, and the attention softmax at a higher bit width. The
+first and last layer stay float unless the rules say otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxquant.errors import ConfigError
+from jaxquant.quant.activation import ActQuant, mse_range, percentile_range, range_to_scale_zero
+from jaxquant.quant.rules import Rule, _split_name, apply_plan, default_rules, layer_kernels, resolve
+from jaxquant.quant.uniform import WeightQuantConfig, quantize_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuantConfig:
+    """How activation ranges are chosen.
+
+    Attributes:
+      bits: 4..8 (``None``: activations stay float).
+      method: "mse" (clipping ratio minimising the squared error on the calibration
+        sub-sample) or "percentile".
+      percentile: for "percentile", the upper percentile (the lower is ``100 - p``).
+      softmax_bits: bit width of the attention probabilities (kept higher than ``bits``).
+      attention_matmuls: also quantize q, k, v and the softmax output (the matmul operands).
+      split: separate ranges for the two parts of concatenated skip inputs.
+    """
+
+    bits: int | None = 8
+    method: str = "mse"
+    percentile: float = 99.99
+    softmax_bits: int = 16
+    attention_matmuls: bool = True
+    split: bool = True
+
+    def __post_init__(self):
+        if self.bits is not None and not 4 <= self.bits <= 8:
+            raise ConfigError(f"activation bits must be 4..8 (or None for float), got {self.bits}")
+        if not 4 <= self.softmax_bits <= 16:
+            raise ConfigError(f"softmax_bits must be 4..16, got {self.softmax_bits}")
+        if self.method not in ("mse", "percentile"):
+            raise ConfigError(f"activation calibration method must be 'mse' or 'percentile', got {self.method!r}")
+
+
+def act_quantizer(samples: np.ndarray, bits: int, cfg: ActQuantConfig, split: int = 0) -> ActQuant:
+    """An :class:`ActQuant` from a site's calibration sub-sample ``[G, P, R]``."""
+    g, p, _ = samples.shape
+    scale = np.zeros((g, p), np.float32)
+    zero = np.zeros((g, p), np.float32)
+    for i in range(g):
+        for j in range(p):
+            lo, hi = (mse_range(samples[i, j], bits) if cfg.method == "mse"
+                      else percentile_range(samples[i, j], cfg.percentile))
+            scale[i, j], zero[i, j] = range_to_scale_zero(lo, hi, bits)
+    if p == 2 and not split:
+        raise ConfigError("a two-part calibration needs the split position")
+    return ActQuant(scale, zero, bits, split if p == 2 else 0)
+
+
+def quantize_uniform(
+    model,
+    calib,
+    weights: WeightQuantConfig | None,
+    acts: ActQuantConfig | None = None,
+    rules: Sequence[Rule] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Return the quantized parameter tree of ``model`` (see the module docstring).
+
+    Args:
+      model: a :class:`jaxquant.Model` with float parameters.
+      calib: a :class:`jaxquant.calib.Calibration` of the same model (needed when
+        activations are quantized).
+      weights: the weight quantizer for layers the rules do not override.
+      acts: activation settings; ``None`` or ``bits=None`` keeps activations float.
+      rules: (regex → WeightQuantConfig | None) rules; default: first/last layer float.
+    """
+    from jaxquant.models.introspect import conv_layers
+
+    rules = list(rules) if rules is not None else default_rules(weights)
+    kernels = layer_kernels(model.params)
+    plan = resolve(kernels, rules)
+    bar = (lambda it: tqdm(it, desc="quantize weights", unit="layer")) if progress else None
+    params = apply_plan(model.params, plan, lambda name, k, c: quantize_weight(k, c), progress=bar)
+    if acts is None or acts.bits is None:
+        return params
+    if calib is None:
+        raise ConfigError("activation quantization needs a calibration (jaxquant calibrate)")
+    splits = {n: c.input_split for n, c in conv_layers(model).items()} if acts.split else {}
+
+    def node_of(name):
+        node = params
+        for p in _split_name(params, name):
+            node = node[p]
+        return node
+
+    quantized = [n for n, c in plan.items() if c is not None]
+    for name in quantized:
+        samples = _site_samples(calib, name)
+        if samples.shape[1] == 2 and not acts.split:
+            samples = samples.reshape(samples.shape[0], 1, -1)
+        node_of(name)["input_quant"] = act_quantizer(samples, acts.bits, acts, splits.get(name, 0))
+    if acts.attention_matmuls:
+        for site in calib.sites:
+            base, _, leaf = site.rpartition(".")
+            if leaf not in ("q", "k", "v", "probs") or not _projections_quantized(base, plan):
+                continue
+            bits = max(acts.bits, acts.softmax_bits) if leaf == "probs" else acts.bits
+            node_of(base)[f"{leaf}_quant"] = act_quantizer(_site_samples(calib, site), bits, acts)
+    return params
+
+
+def _site_samples(calib, site: str) -> np.ndarray:
+    try:
+        return np.asarray(calib.samples[site])
+    except KeyError:
+        raise ConfigError(f"the calibration has no record of layer {site!r}: was it made with this model?") from None
+
+
+def _projections_quantized(attn: str, plan: dict) -> bool:
+    """Quantize an attention's matmul operands only if its projections are quantized."""
+    own = [c for n, c in plan.items() if n.startswith(attn + ".")]
+    return bool(own) and all(c is not None for c in own)

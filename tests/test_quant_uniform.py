@@ -1,0 +1,237 @@
+"""Uniform quantizers, packing, activation quantizers, calibration and the quantize command."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant
+from jaxquant import cli
+from jaxquant.calib import CalibConfig, calibrate, load_calibration
+from jaxquant.calib import calibration as calib_mod
+from jaxquant.diffusion import ScheduleConfig
+from jaxquant.errors import ConfigError
+from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
+from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
+from jaxquant.quant import packing
+from jaxquant.quant.accounting import storage_report
+from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant, timestep_group
+from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
+from jaxquant.quant.rules import FIRST_LAST_LAYERS, Rule, default_rules, layer_kernels, load_rules, resolve
+from jaxquant.quant.uniform import WeightQuantConfig, quantize_weight
+
+TINY = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": None,
+    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = UNet2DConfig.from_dict(TINY)
+    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
+    # Non-trivial norms and biases, so activations have structure.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    params = jax.tree_util.tree_unflatten(tree, leaves)
+    d = tmp_path_factory.mktemp("m") / "tiny"
+    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()), params)
+    return d
+
+
+@pytest.fixture(scope="module")
+def calib(model_dir):
+    m = jaxquant.load(model_dir)
+    return calibrate(m, CalibConfig(num_samples=8, steps=4, groups=2, batch_size=4, reservoir=512), progress=False)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_round_trips_with_exact_word_count(bits):
+    rng = np.random.default_rng(bits)
+    for n in (1, 9, 31, 32, 33, 99):
+        codes = rng.integers(0, 2**bits, (3, n))
+        words = packing.pack(codes, bits)
+        assert words.shape == (3, -(-n * bits // 32)) and words.dtype == jnp.uint32
+        np.testing.assert_array_equal(np.asarray(packing.unpack(words, bits, n)), codes)
+
+
+def test_weight_quantizer_error_falls_with_bits_and_clipping_helps():
+    k = jax.random.normal(jax.random.key(0), (3, 3, 16, 12)) * jnp.linspace(0.1, 2, 12)
+    errs = []
+    for b in (2, 3, 4, 6, 8):
+        q = quantize_weight(k, WeightQuantConfig(bits=b))
+        errs.append(float(jnp.mean(jnp.square(q.dequantize() - k))))
+        codes = np.asarray(q.int_codes())
+        assert codes.min() >= 0 and codes.max() < 2**b
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    for sym in (True, False):
+        no_clip = quantize_weight(k, WeightQuantConfig(bits=3, symmetric=sym, clip_search=1)).dequantize()
+        clip = quantize_weight(k, WeightQuantConfig(bits=3, symmetric=sym)).dequantize()
+        # Clipping is chosen per channel to minimise the error; it can only help.
+        per_ch = lambda w: jnp.sum(jnp.square(w - k).reshape(-1, 12), 0)  # noqa: E731
+        assert bool(jnp.all(per_ch(clip) <= per_ch(no_clip) + 1e-6))
+
+
+def test_fake_and_packed_forms_are_identical_and_grouped_scales_work():
+    k = jax.random.normal(jax.random.key(2), (40, 24))
+    for cfg in (WeightQuantConfig(bits=3), WeightQuantConfig(bits=5, symmetric=True, group_size=8)):
+        q = quantize_weight(k, cfg)
+        assert q.packed and not q.to_fake().packed
+        np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(q.to_fake().dequantize()))
+    assert quantize_weight(k, WeightQuantConfig(bits=4, group_size=8)).scale.shape == (24, 5)
+    with pytest.raises(ConfigError, match="does not divide"):
+        quantize_weight(k, WeightQuantConfig(bits=4, group_size=7))
+    with pytest.raises(ConfigError, match="2..8"):
+        WeightQuantConfig(bits=1)
+
+
+def test_accounting_counts_every_stored_bit():
+    k = jax.random.normal(jax.random.key(3), (3, 3, 10, 6))  # K = 90 weights per output channel
+    q = quantize_weight(k, WeightQuantConfig(bits=3))
+    rep = storage_report({"layer": {"kernel": q, "bias": jnp.zeros(6)}})
+    words = -(-90 * 3 // 32)
+    expected = 6 * words * 32 + 6 * 16 + 6 * 8  # packed codes + f16 scales + u8 zero points
+    (bias, kern) = rep.layers
+    assert kern.bits == expected and kern.num_weights == 540
+    assert bias.bits == 6 * 32
+    assert rep.total_bits == expected + 6 * 32
+    assert rep.bits_per_quantized_weight == pytest.approx(expected / 540)
+
+
+def test_activation_quantizer_groups_and_split():
+    x = jax.random.normal(jax.random.key(4), (2, 4, 4, 6)) * jnp.array([1, 1, 1, 10, 10, 10.0])
+    aq = ActQuant(jnp.array([[0.01, 0.2], [0.05, 0.5]]), jnp.array([[128.0, 128.0], [128.0, 128.0]]), 8, split=3)
+    with pytest.raises(ConfigError, match="select one per call"):
+        aq(x)
+    g1 = aq.select(1)
+    y = g1(x)
+    np.testing.assert_allclose(y[..., :3], fake_quant(x[..., :3], jnp.float32(0.05), jnp.float32(128.0), 255))
+    np.testing.assert_allclose(y[..., 3:], fake_quant(x[..., 3:], jnp.float32(0.5), jnp.float32(128.0), 255))
+    tree = at_timestep_group({"a": {"input_quant": aq, "kernel": jnp.ones(3)}}, 0)
+    assert tree["a"]["input_quant"].num_groups == 1 and float(tree["a"]["input_quant"].scale[0, 1]) == pytest.approx(0.2)
+    assert [int(timestep_group(t, 4, 1000)) for t in (0, 249, 250, 999)] == [0, 0, 1, 3]
+
+
+def test_rules_first_match_wins_and_yaml_loads(tmp_path):
+    names = ["conv_in", "down_blocks.0.resnets.0.conv1", "mid_block.attentions.0.to_q", "conv_out"]
+    plan = resolve(names, [Rule(FIRST_LAST_LAYERS, None), Rule(r"mid_block\..*", 8), Rule(".*", 4)])
+    assert plan == {"conv_in": None, "down_blocks.0.resnets.0.conv1": 4, "mid_block.attentions.0.to_q": 8, "conv_out": None}
+    f = tmp_path / "rules.yaml"
+    f.write_text("- pattern: 'conv_in|conv_out'\n  config: null\n- pattern: '.*attentions.*'\n  config: {bits: 8}\n"
+                 "- pattern: '.*'\n  config: {bits: 4, symmetric: true}\n")
+    rules = load_rules(f, lambda d: WeightQuantConfig(**d))
+    assert rules[1].config == WeightQuantConfig(bits=8) and rules[2].config.symmetric
+    f.write_text("- pattern: '('\n  config: null\n")
+    with pytest.raises(ConfigError, match="bad regex"):
+        load_rules(f, lambda d: WeightQuantConfig(**d))
+
+
+def test_calibration_ranges_and_xtx_match_direct_computation(model_dir, calib):
+    m = jaxquant.load(model_dir)
+    _, capture = calib_mod._model_fns(m, 1.0)
+    site = "down_blocks.0.resnets.0.conv1"
+    g0_steps = np.flatnonzero(calib.step_groups == 0)
+    vals = []
+    for s in g0_steps:
+        for b in range(0, 8, 4):
+            acts = capture(m.params, jnp.asarray(calib.inputs[s, b:b + 4]), jnp.full((4,), calib.timesteps[s]),
+                           jnp.zeros((4,), jnp.int32))
+            vals.append(np.asarray(acts[site]).ravel())
+    vals = np.concatenate(vals)
+    assert calib.lo[site][0, 0] == pytest.approx(vals.min()) and calib.hi[site][0, 0] == pytest.approx(vals.max())
+    # The sub-sample holds observed values (up to float differences of jitted vs eager code).
+    srt = np.sort(vals)
+    pos = np.clip(np.searchsorted(srt, calib.samples[site][0, 0]), 1, len(srt) - 1)
+    near = np.minimum(np.abs(srt[pos] - calib.samples[site][0, 0]), np.abs(srt[pos - 1] - calib.samples[site][0, 0]))
+    assert near.max() < 1e-4
+
+    # XᵀX of a 3×3 conv equals the explicit im2col product over all calibration inputs.
+    xtx = np.zeros((72, 72))
+    for s in range(len(calib.timesteps)):
+        acts = capture(m.params, jnp.asarray(calib.inputs[s]), jnp.full((8,), calib.timesteps[s]), jnp.zeros((8,), jnp.int32))
+        a = np.pad(np.asarray(acts[site], np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        rows = np.stack([a[:, i:i + 8, j:j + 8, :] for i in range(3) for j in range(3)], axis=3)  # (kh,kw) then in
+        rows = rows.reshape(-1, 72)
+        xtx += rows.T @ rows
+    np.testing.assert_allclose(calib.xtx[site], xtx, rtol=2e-4, atol=1e-3)
+    assert calib.xtx_count[site] == 8 * 8 * 8 * 4
+
+
+def test_split_sites_have_two_ranges(calib):
+    split_sites = [s for s, v in calib.lo.items() if v.shape[1] == 2]
+    assert "up_blocks.0.resnets.0.conv_shortcut" in split_sites
+    assert all(s.startswith("up_blocks.") for s in split_sites)
+
+
+def test_calibration_resumes_after_a_kill(model_dir, tmp_path, monkeypatch):
+    m = jaxquant.load(model_dir)
+    cfg = CalibConfig(num_samples=8, steps=2, groups=1, batch_size=4, reservoir=64, xtx=False)
+    full = calibrate(m, cfg, progress=False)
+    out = tmp_path / "cal"
+
+    real_save = calib_mod.save_calibration
+    calls = {"n": 0}
+
+    class Killed(Exception):
+        pass
+
+    import orbax.checkpoint as ocp
+    real = ocp.CheckpointManager.save
+
+    def save_then_die(self, *a, **k):
+        r = real(self, *a, **k)
+        calls["n"] += 1
+        raise Killed
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_then_die)
+    with pytest.raises(Killed):
+        calibrate(m, cfg, out_dir=out, progress=False)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+    resumed = calibrate(m, cfg, out_dir=out, progress=False)
+    assert calls["n"] == 1 and real_save is calib_mod.save_calibration
+    np.testing.assert_array_equal(resumed.inputs, full.inputs)
+    for s in full.sites:
+        np.testing.assert_array_equal(resumed.samples[s], full.samples[s])
+    again = load_calibration(out)
+    np.testing.assert_array_equal(again.outputs, full.outputs)
+
+
+def test_quantized_model_fake_equals_packed_and_bits_get_closer(model_dir, calib):
+    m = jaxquant.load(model_dir)
+    x = jnp.asarray(calib.inputs[1])
+    t = jnp.full((8,), int(calib.timesteps[1]))
+    ref = m.apply(m.params, x, t)
+    errs = []
+    for wb, ab in ((4, 6), (8, 8)):
+        q = quantize_uniform(m, calib, WeightQuantConfig(bits=wb), ActQuantConfig(bits=ab), progress=False)
+        fake = quantize_uniform(m, calib, WeightQuantConfig(bits=wb, packed=False), ActQuantConfig(bits=ab), progress=False)
+        y, yf = jax.jit(m.apply)(q, x, t), jax.jit(m.apply)(fake, x, t)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(yf))
+        errs.append(float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)))
+        kernels = layer_kernels(q)
+        assert not hasattr(kernels["conv_in"], "bits") and not hasattr(kernels["conv_out"], "bits")
+        assert isinstance(q["up_blocks.0.resnets.0"]["conv_shortcut"]["input_quant"], ActQuant)
+        assert q["up_blocks.0.resnets.0"]["conv_shortcut"]["input_quant"].split == 16
+        assert q["down_blocks.1.attentions.0"]["probs_quant"].bits == 16
+    assert errs[1] < errs[0]
+    w8 = quantize_uniform(m, calib, WeightQuantConfig(bits=8), None, progress=False)
+    y8 = jax.jit(m.apply)(w8, x, t)
+    assert float(jnp.linalg.norm(y8 - ref) / jnp.linalg.norm(ref)) < 0.03  # W8 with float activations
+
+
+def test_cli_calibrate_quantize_sample(model_dir, tmp_path, capsys):
+    cal, qdir = tmp_path / "cal", tmp_path / "q"
+    common = ["--num-samples", "4", "--steps", "2", "--batch-size", "4"]
+    assert cli.main(["calibrate", str(model_dir), *common, "--groups", "2", "--no-xtx", "--out", str(cal)]) == 0
+    assert cli.main(["quantize", str(model_dir), "--w-bits", "4", "--a-bits", "8", "--calib", str(cal),
+                     "--out", str(qdir)]) == 0
+    assert "bits per quantized weight" in capsys.readouterr().out
+    assert cli.main(["quantize", str(model_dir), "--w-bits", "4", "--a-bits", "8", "--calib", str(cal),
+                     "--groups", "3", "--out", str(qdir)]) == 2
+    assert cli.main(["sample", str(qdir), "--num", "2", "--steps", "3", "--batch-size", "2",
+                     "--out", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 1)
