@@ -55,7 +55,7 @@ import numpy as np
 
 from jaxquant.data.fmnist import load_fashion_mnist
 from jaxquant.errors import ConfigError, DataError
-from jaxquant.eval.features import FeatureNet, get_feature_net
+from jaxquant.eval.features import FeatureNet, get_feature_net, iter_feature_batches
 from jaxquant.eval.metrics import (
     feature_statistics,
     frechet_distance,
@@ -159,22 +159,11 @@ def _extract(net: FeatureNet, images: np.ndarray, batch_size: int, progress: boo
     reduced to guided-diffusion's sFID vectors per batch, which keeps memory at
     ``N * h * w * 7`` floats instead of ``N * h * w * c``.
     """
-    from tqdm.auto import tqdm
-
-    n = images.shape[0]
     pool, spatial, logits = [], [], []
-    with tqdm(total=n, desc=f"{net.name} features: {desc}", unit="img", disable=not progress,
-              leave=False, dynamic_ncols=True) as bar:
-        for start in range(0, n, batch_size):
-            chunk = images[start : start + batch_size]
-            m = chunk.shape[0]
-            if m < batch_size and n > batch_size:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - m, axis=0)])
-            out = net.extract(chunk)
-            pool.append(np.asarray(out["pool"])[:m])
-            spatial.append(spatial_features_for_sfid(np.asarray(out["spatial"])[:m]))
-            logits.append(np.asarray(out["logits"])[:m])
-            bar.update(m)
+    for out in iter_feature_batches(net, images, batch_size, progress=progress, desc=desc):
+        pool.append(out["pool"])
+        spatial.append(spatial_features_for_sfid(out["spatial"]))
+        logits.append(out["logits"])
     return {"pool": np.concatenate(pool), "spatial": np.concatenate(spatial), "logits": np.concatenate(logits)}
 
 

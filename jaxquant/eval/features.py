@@ -43,7 +43,7 @@ import dataclasses
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -268,17 +268,9 @@ def save_variables_npz(variables: Variables, path: str | os.PathLike, fmt: str) 
     """
     arrays = _flatten(variables)
     arrays[_FORMAT_KEY] = np.array(fmt, dtype=np.str_)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    from jaxquant.eval.refbatch import savez_atomic
+
+    return savez_atomic(path, arrays)
 
 
 def load_variables_npz(path: str | os.PathLike, fmt: str) -> dict:
@@ -393,25 +385,36 @@ def make_feature_net(
     )
 
 
-def extract_features(net: FeatureNet, images: Any, batch_size: int = 100) -> dict[str, np.ndarray]:
-    """Run ``net`` over ``images`` in batches; returns numpy arrays (float32).
+def iter_feature_batches(net: FeatureNet, images: Any, batch_size: int = 100, *, progress: bool = False,
+                         desc: str = "") -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``net``'s outputs (numpy) for consecutive batches of ``images``.
 
-    The last partial batch is padded to ``batch_size`` so that only one shape is
-    compiled; the padding rows are dropped.
+    The last partial batch is padded to ``batch_size`` (when there is more than one
+    batch) so that only one shape is compiled; the padding rows are dropped.
     """
+    from tqdm.auto import tqdm
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
     images = np.asarray(check_images(images))
     n = images.shape[0]
+    with tqdm(total=n, desc=f"{net.name} features{': ' + desc if desc else ''}", unit="img",
+              disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            chunk = images[start : start + batch_size]
+            m = chunk.shape[0]
+            if m < batch_size and n > batch_size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - m, axis=0)])
+            yield {k: np.asarray(v)[:m] for k, v in net.extract(chunk).items()}
+            bar.update(m)
+
+
+def extract_features(net: FeatureNet, images: Any, batch_size: int = 100) -> dict[str, np.ndarray]:
+    """Run ``net`` over ``images`` in batches (see :func:`iter_feature_batches`)."""
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        m = chunk.shape[0]
-        if m < batch_size and n > batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - m, axis=0)])
-        out = net.extract(chunk)
+    for out in iter_feature_batches(net, images, batch_size):
         for k, v in out.items():
-            parts.setdefault(k, []).append(np.asarray(v)[:m])
+            parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 

@@ -187,6 +187,11 @@ def save_reference(
             raise DataError(f"feature_net must be a non-empty string; got {feature_net!r}")
         arrays[FEATURE_NET_KEY] = np.array(feature_net, dtype=np.str_)
 
+    return savez_atomic(path, arrays)
+
+
+def savez_atomic(path: str | os.PathLike, arrays: dict) -> Path:
+    """``np.savez`` (uncompressed) to a temporary file renamed into place."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
