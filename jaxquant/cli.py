@@ -35,12 +35,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Per-target defaults of ``jaxquant train`` (``--steps``, ``--lr``, ``--warmup``, ``--ema``).
+TRAIN_DEFAULTS = {
+    "ddpm": {"steps": 3000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
+    "classifier": {"steps": 3000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
+    "vq": {"steps": 4000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
+    "ldm": {"steps": 20000, "lr": 5e-4, "warmup": 500, "ema": 0.9995},
+}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from jaxquant.train.loop import TrainConfig
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                      warmup_steps=args.warmup, ema_decay=args.ema, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every)
+    d = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in TRAIN_DEFAULTS[args.what].items()}
+    if args.vq is not None and args.what != "ldm":
+        raise JaxquantError("--vq applies to `jaxquant train ldm` only")
+    cfg = TrainConfig(steps=d["steps"], batch_size=args.batch_size, learning_rate=d["lr"],
+                      warmup_steps=d["warmup"], ema_decay=d["ema"], seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every)
     if args.what == "ddpm":
         from jaxquant.data import load_fashion_mnist
         from jaxquant.train.ddpm import FMNIST_UNET, train_ddpm
@@ -55,27 +67,124 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out, acc = train_classifier(args.run_dir, load_fashion_mnist("train", args.data_dir),
                                     load_fashion_mnist("test", args.data_dir), cfg, export_dir=args.export)
         print(f"test accuracy {acc:.4f}")
+    elif args.what == "vq":
+        from jaxquant.data import load_fashion_mnist
+        from jaxquant.io.model_dir import read_meta
+        from jaxquant.train.vq import FMNIST_VQ, train_vq
+
+        images, _ = load_fashion_mnist("train", args.data_dir)
+        test_images, _ = load_fashion_mnist("test", args.data_dir)
+        out = train_vq(args.run_dir, images, cfg, FMNIST_VQ, test_images=test_images, export_dir=args.export,
+                       extra_meta={"data": "Fashion-MNIST train (60 000), padded to 32x32, [-1, 1]; "
+                                           "test_reconstruction on the test split"})
+        rec = read_meta(out).extra.get("test_reconstruction") or {}
+        if rec:
+            print(f"test reconstruction: PSNR {rec['psnr_db']:.2f} dB, MSE {rec['mse_01']:.5f} (pixels in [0, 1]), "
+                  f"codebook usage {rec['codebook_usage']:.1%}")
+    elif args.what == "ldm":
+        if args.vq is None:
+            raise JaxquantError("`jaxquant train ldm` needs the first stage: --vq VQ_MODEL_DIR "
+                                "(train one with `jaxquant train vq`)")
+        from jaxquant.data import load_fashion_mnist
+        from jaxquant.train.ldm import FMNIST_LDM, train_ldm
+
+        images, labels = load_fashion_mnist("train", args.data_dir)
+        out = train_ldm(args.run_dir, images, labels, args.vq, cfg, FMNIST_LDM, export_dir=args.export,
+                        extra_meta={"data": "Fashion-MNIST train (60 000) with labels, padded to 32x32, [-1, 1]"})
     else:
         raise JaxquantError(f"unknown training target {args.what!r}")
     print(f"wrote {out}")
     return 0
 
 
+#: Class rows in the PNG grid of ``jaxquant sample --classes all`` unless ``--grid-rows`` says otherwise.
+GRID_MAX_CLASS_ROWS = 100
+
+
+def _parse_class_labels(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]`` (``--class-labels``)."""
+    try:
+        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise JaxquantError(f"--class-labels {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not labels:
+        raise JaxquantError("--class-labels: give at least one class label, e.g. 0,1,2")
+    return labels
+
+
+def _sample_plan(model, args: argparse.Namespace) -> tuple[np.ndarray | None, list[int] | None, int]:
+    """``(labels, classes, per_class)`` of a ``jaxquant sample`` run.
+
+    Class mode (``--class-labels`` / ``--classes all``): ``per_class`` images of each
+    class, class-major (the grid shows a row per class). Otherwise ``--num`` images, with
+    labels drawn uniformly from every class (seeded by ``--seed``) when the model is
+    class-conditional; ``classes`` is None and ``per_class`` 0.
+    """
+    from jaxquant.diffusion.pipeline import num_classes
+
+    n_cls = num_classes(model)
+    for flag, value in (("--grid", args.grid), ("--grid-rows", args.grid_rows), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise JaxquantError(f"{flag} must be at least 1 (got {value})")
+    if args.class_labels is not None or args.classes is not None:
+        if not model.is_class_conditional:
+            raise JaxquantError("--class-labels/--classes need a class-conditional model; this model is unconditional")
+        if args.num is not None:
+            raise JaxquantError("--num is the number of images with random labels; with --class-labels/--classes "
+                                "give the images per class with --per-class")
+        if args.grid is not None:
+            raise JaxquantError("--grid counts images of random-label samples; with --class-labels/--classes the grid "
+                                "has a row per class: use --grid-rows")
+        per_class = 4 if args.per_class is None else args.per_class
+        if per_class < 1:
+            raise JaxquantError(f"--per-class must be at least 1 (got {per_class})")
+        if args.classes == "all":
+            if n_cls is None:
+                raise JaxquantError("cannot tell the number of classes of this model; give --class-labels")
+            classes = list(range(n_cls))
+        else:
+            classes = _parse_class_labels(args.class_labels)
+        return np.repeat(np.asarray(classes, np.int64), per_class), classes, per_class
+    if args.per_class is not None or args.grid_rows is not None:
+        raise JaxquantError("--per-class/--grid-rows need --class-labels or --classes all")
+    num = 64 if args.num is None else args.num
+    if num < 1:
+        raise JaxquantError(f"--num must be at least 1 (got {num})")
+    if not model.is_class_conditional:
+        return None, None, 0
+    if n_cls is None:
+        raise JaxquantError("cannot tell the number of classes of this model to draw random labels; "
+                            "give --class-labels")
+    return np.random.default_rng(args.seed).integers(0, n_cls, num), None, 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import jaxquant
-    from jaxquant.diffusion.pipeline import generate
+    from jaxquant.diffusion.pipeline import default_steps, generate
     from jaxquant.images import save_grid, save_samples_npz
 
     model = jaxquant.load(args.model)
-    labels = None
-    if model.is_class_conditional:
-        n_cls = model.config.get("num_class_embeds") or 0
-        labels = np.arange(args.num) % max(n_cls, 1)
-    images = generate(model, args.num, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                      seed=args.seed, batch_size=args.batch_size, labels=labels)
+    labels, classes, per_class = _sample_plan(model, args)
+    total = len(labels) if labels is not None else (64 if args.num is None else args.num)
+    steps = default_steps(model) if args.steps is None else args.steps
+    batch = min(64, total) if args.batch_size is None else args.batch_size
+    images = generate(model, total, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                      batch_size=batch, labels=labels, cfg_scale=args.cfg_scale)
     npz = save_samples_npz(images, args.out, labels)
-    png = save_grid(images[: args.grid], Path(args.out).with_suffix(".png"), scale=2)
-    print(f"wrote {npz} ({images.shape[0]} images, uint8 NHWC) and {png}")
+    scale = 2 if images.shape[1] < 64 else 1
+    png_path = Path(args.out).with_suffix(".png")
+    if classes is not None:
+        rows = min(len(classes), GRID_MAX_CLASS_ROWS if args.grid_rows is None else args.grid_rows)
+        png = save_grid(images[: rows * per_class], png_path, nrow=per_class, scale=scale)
+        grid = f"{rows} of {len(classes)} class rows x {per_class}" if rows < len(classes) else \
+            f"a row per class, {rows} x {per_class}"
+    else:
+        shown = min(64 if args.grid is None else args.grid, total)
+        png = save_grid(images[:shown], png_path, scale=scale)
+        grid = f"{shown} images"
+    what = f"{total} images, uint8 NHWC" + (", labels in arr_1" if labels is not None else "")
+    guided = f", cfg scale {args.cfg_scale:g}" if args.cfg_scale != 1.0 else ""
+    print(f"{args.sampler}-{steps}{guided}: wrote {npz} ({what}) and {png} ({grid})")
     return 0
 
 
@@ -249,15 +358,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default=None, help="--from compvis: the model's YAML (e.g. cin256-v2.yaml)")
     c.add_argument("--out", required=True, help="output model directory")
     c.set_defaults(fn=_cmd_convert)
-    s = sub.add_parser("sample", help="sample images; writes an ADM-style .npz and a PNG grid")
+    s = sub.add_parser("sample", help="sample images; writes an ADM-style .npz and a PNG grid",
+                       description="Sample images; writes an ADM-style .npz (arr_0: uint8 NHWC images, arr_1: "
+                       "class labels of class-conditional models) and a PNG grid next to it. Class-conditional "
+                       "models: --class-labels 0,1,2 or --classes all sample --per-class images of each class "
+                       "(class-major; the grid has a row per class); otherwise --num images with random labels.")
     s.add_argument("model", nargs="?", default="ddpm-fmnist", help="model directory or shipped name")
-    s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--num", type=int, default=None,
+                   help="number of images (default 64); class-conditional models get random labels")
+    cls = s.add_mutually_exclusive_group()
+    cls.add_argument("--class-labels", default=None, metavar="L1,L2,…",
+                     help="sample these classes, --per-class images each (class-conditional models)")
+    cls.add_argument("--classes", choices=["all"], default=None,
+                     help="'all': sample every class, --per-class images each (class-conditional models)")
+    s.add_argument("--per-class", type=int, default=None,
+                   help="images per class with --class-labels/--classes (default 4)")
+    s.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (models with an unconditional label, e.g. CompVis LDMs); "
+                   "1 = no guidance (default)")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: 20 for ldm models, 50 otherwise)")
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
+    s.add_argument("--seed", type=int, default=0, help="batch b starts from noise of fold_in(key(seed), b)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="images per jitted call (default: 64, or the number of images if fewer)")
+    s.add_argument("--grid", type=int, default=None, help="images in the PNG grid without class labels (default 64)")
+    s.add_argument("--grid-rows", type=int, default=None,
+                   help=f"class rows in the PNG grid with --class-labels/--classes (default: all, at most "
+                   f"{GRID_MAX_CLASS_ROWS})")
     s.add_argument("--out", default="samples.npz")
     s.set_defaults(fn=_cmd_sample)
 
@@ -269,17 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     tr = sub.add_parser("train", help="train one of the small shipped models (resumes from --run-dir)")
-    tr.add_argument("what", choices=["ddpm", "classifier"])
+    tr.add_argument("what", choices=["ddpm", "classifier", "vq", "ldm"],
+                    help="ddpm: pixel UNet; classifier: FID feature net; vq: VQ-f4 first stage; "
+                    "ldm: class-conditional latent diffusion on a trained vq (--vq)")
     tr.add_argument("--run-dir", required=True, help="checkpoints and log; rerun to resume")
     tr.add_argument("--export", default=None, help="model directory for the EMA weights (default RUN_DIR/model)")
     tr.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
-    tr.add_argument("--steps", type=int, default=3000)
+    tr.add_argument("--vq", default=None, metavar="VQ_MODEL_DIR", help="ldm: the first stage written by `train vq`")
+    tr.add_argument("--steps", type=int, default=None,
+                    help="total steps (default: ddpm/classifier 3000, vq 4000, ldm 20000)")
     tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=5e-4)
-    tr.add_argument("--warmup", type=int, default=200)
-    tr.add_argument("--ema", type=float, default=0.999)
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4)")
+    tr.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 200; ldm 500)")
+    tr.add_argument("--ema", type=float, default=None, help="EMA decay (default 0.999; ldm 0.9995)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=int, default=250)
+    tr.add_argument("--log-every", type=int, default=50, help="steps between train_log.jsonl lines")
     tr.set_defaults(fn=_cmd_train)
 
     ev = sub.add_parser("eval", help="FID / sFID / IS / precision-recall of samples against a reference")

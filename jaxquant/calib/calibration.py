@@ -280,7 +280,7 @@ def _num_classes(model) -> int:
     c = model.network_config
     if not model.is_class_conditional:
         return 0
-    n = getattr(c, "num_class_embeds", None) or getattr(c, "n_classes", None)
+    n = getattr(c, "num_class_embeds", None) or getattr(c, "num_classes", None)
     if n is None:
         raise ConfigError("cannot tell the number of classes of this model")
     # CompVis class embedders reserve the last label for "no class".

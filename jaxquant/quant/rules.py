@@ -31,9 +31,14 @@ class Rule:
         return re.fullmatch(self.pattern, name) is not None
 
 
+#: Parts of a latent-diffusion model that are not the denoiser: the first-stage
+#: autoencoder and the conditioning model stay float, as in the seeds.
+NOT_DENOISER = r"(first_stage|cond_stage)\..*"
+
+
 def default_rules(config: Any) -> list[Rule]:
-    """First/last layer float, everything else ``config``."""
-    return [Rule(FIRST_LAST_LAYERS, None), Rule(r".*", config)]
+    """First/last layer (and an LDM's autoencoder) float, everything else ``config``."""
+    return [Rule(FIRST_LAST_LAYERS, None), Rule(NOT_DENOISER, None), Rule(r".*", config)]
 
 
 def layer_kernels(params: dict) -> dict[str, Any]:

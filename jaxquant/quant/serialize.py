@@ -387,6 +387,8 @@ def _register_builtin() -> None:
     from jaxquant.quant.uniform import UniformWeight
 
     register_container(UniformWeight, "uniform", 1, validate=_validate_uniform)
+    from jaxquant.quant.additive import AQWeight, validate_aq
+    register_container(AQWeight, "aq", 1, validate=validate_aq)
     if ActQuant not in _BY_CLASS:  # unless its module registered it itself
         # Activation quantizers add parameters (``<layer>.input_quant``, ``<attn>.q_quant``…).
         register_container(ActQuant, "act", 1, validate=_validate_act, replaces_weight=False)
