@@ -3,7 +3,7 @@
 Same config (google/ddpm-cifar10-32, random weights), same batch, same step count, same
 process and machine. Prints images/s for both and the ratio; `--json` stores the result.
 
-    python benchmarks/sampling_speed.py --batch 8 --steps 20
+    python -m benchmarks.sampling_speed --batch 8 --steps 20
 """
 
 from __future__ import annotations

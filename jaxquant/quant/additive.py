@@ -51,7 +51,6 @@ undone by :meth:`AQWeight.dequantize`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from functools import partial
 from typing import Any, Callable
@@ -104,6 +103,22 @@ def _from_kernel_groups(w: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Inverse of :func:`_to_kernel_groups`."""
     kh, kw, cin, _ = shape
     return w.reshape(w.shape[0], cin, kh * kw).transpose(0, 2, 1).reshape(w.shape[0], -1)
+
+
+@partial(jax.jit, static_argnames="shape")
+def _kernel_group_xtx(h: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``h[perm][:, perm]`` for :func:`kernel_group_permutation` (one fused copy)."""
+    kh, kw, cin, _ = shape
+    t = kh * kw
+    return h.reshape(t, cin, t, cin).transpose(1, 0, 3, 2).reshape(t * cin, t * cin)
+
+
+@jax.jit
+def _prepare_xtx(h: jax.Array) -> jax.Array:
+    """Symmetrise ``XᵀX`` and scale it to unit mean diagonal (the relative objective does
+    not depend on its scale; this keeps float32 sums well inside range)."""
+    h = 0.5 * (h + h.T)
+    return h / jnp.maximum(jnp.mean(jnp.diag(h)), 1e-30)
 
 
 def _decode(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
@@ -577,9 +592,7 @@ def quantize_matrix(
     shape = tuple(int(d) for d in shape) if shape is not None else (k, out)
     if int(np.prod(shape[:-1])) != k or shape[-1] != out:
         raise ConfigError(f"shape {shape} does not match a [{out}, {k}] matrix")
-    # Symmetrise, and fix the scale so float32 sums stay well inside range.
-    h = 0.5 * (h + h.T)
-    h = h / jnp.maximum(jnp.mean(jnp.diag(h)), 1e-30)
+    h = _prepare_xtx(h)
     norm = float(jnp.sum(w * (w @ h)))
     if norm <= 0:
         norm = 1.0  # W is zero (or in the null space of XᵀX): any reconstruction is exact
@@ -680,9 +693,8 @@ def quantize_kernel(
     if kernel_grouping:
         if h.shape != (w.shape[1],) * 2:
             raise ConfigError(f"XᵀX has shape {h.shape}, expected ({w.shape[1]}, {w.shape[1]}) for kernel {shape}")
-        perm = kernel_group_permutation(shape)
         w = _to_kernel_groups(w, shape)
-        h = h[perm][:, perm]
+        h = _kernel_group_xtx(h, shape)
     return quantize_matrix(w, h, num_codebooks, nbits, group_size, shape=shape,
                            kernel_grouping=bool(kernel_grouping), **kwargs)
 
