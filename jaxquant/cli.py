@@ -39,7 +39,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 TRAIN_DEFAULTS = {
     "ddpm": {"steps": 3000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
     "classifier": {"steps": 3000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
-    "vq": {"steps": 4000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
+    "vq": {"steps": 3000, "lr": 5e-4, "warmup": 200, "ema": 0.999},
     "ldm": {"steps": 20000, "lr": 5e-4, "warmup": 500, "ema": 0.9995},
 }
 
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
     tr.add_argument("--vq", default=None, metavar="VQ_MODEL_DIR", help="ldm: the first stage written by `train vq`")
     tr.add_argument("--steps", type=int, default=None,
-                    help="total steps (default: ddpm/classifier 3000, vq 4000, ldm 20000)")
+                    help="total steps (default: ddpm/classifier/vq 3000, ldm 20000)")
     tr.add_argument("--batch-size", type=int, default=64)
     tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4)")
     tr.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 200; ldm 500)")

@@ -27,7 +27,7 @@ from jaxquant.train.vq import FMNIST_VQ, init_vq_params, load_vq, reconstruction
 
 TINY_VQ = {"kind": "vq", "embed_dim": 3, "n_embed": 16, "ddconfig": {
     "double_z": False, "z_channels": 3, "resolution": 8, "in_channels": 1, "out_ch": 1, "ch": 32,
-    "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}
+    "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "attn_type": "none", "dropout": 0.0}}
 TINY_LDM = {
     "unet": {"image_size": 4, "in_channels": 3, "out_channels": 3, "model_channels": 32, "channel_mult": [1],
              "num_res_blocks": 1, "attention_resolutions": [1], "num_head_channels": 32,

@@ -25,7 +25,6 @@ subtrees (EMA weights of the trained two, the VQ weights as given), so
 from __future__ import annotations
 
 import copy
-import functools
 import time
 import zlib
 from pathlib import Path
@@ -38,12 +37,12 @@ import numpy as np
 from jaxquant.diffusion.schedules import ScheduleConfig, alphas_cumprod
 from jaxquant.errors import ConfigError, JaxquantError
 from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
-from jaxquant.models.autoencoder import AutoencoderConfig, VQModel
-from jaxquant.models.ldm import ClassEmbedderConfig, LatentDiffusion, LDMConfig
-from jaxquant.models.openai_unet import OpenAIUNetConfig
+from jaxquant.models.autoencoder import AutoencoderConfig
+from jaxquant.models.ldm import ClassEmbedder, ClassEmbedderConfig, LatentDiffusion, LDMConfig
+from jaxquant.models.openai_unet import OpenAIUNet, OpenAIUNetConfig
 from jaxquant.train.ddpm import diffusion_loss
 from jaxquant.train.loop import TrainConfig, train
-from jaxquant.train.vq import load_vq
+from jaxquant.train.vq import compile_once, encode_images, load_vq
 
 # CompVis "linear" betas 0.0015 → 0.0195 (cin256-v2's), as the compvis converter writes them:
 # diffusers "scaled_linear", DDIM with CompVis' conventions (no clipping, leading spacing + 1).
@@ -114,25 +113,6 @@ def ldm_loss(module: LatentDiffusion, schedule: ScheduleConfig, label_dropout: f
     return loss_fn
 
 
-@functools.lru_cache(maxsize=8)
-def _encode_fn(config: AutoencoderConfig) -> Any:
-    module = VQModel(config)
-    return jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode))
-
-
-def encode_images(config: AutoencoderConfig, params: Any, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Unscaled first-stage latents (``VQModel.encode``: the unquantized ``quant_conv`` output) of ``images``."""
-    enc = _encode_fn(config)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = np.asarray(images[i:i + batch_size], np.float32)
-        m = len(x)
-        if m < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - m, *x.shape[1:]), np.float32)])
-        out.append(np.asarray(enc(params, jnp.asarray(x)))[:m])
-    return np.concatenate(out)
-
-
 def _fingerprint(params: Any) -> int:
     from jaxquant.io.model_dir import array_checksums
 
@@ -142,7 +122,7 @@ def _fingerprint(params: Any) -> int:
 def _cached_latents(run_dir: Path, images: np.ndarray, ae_cfg: AutoencoderConfig, vq_params: Any) -> np.ndarray:
     """Encode the training set once per run directory (``latents.npz``, tied to the VQ weights and the images)."""
     cache = run_dir / "latents.npz"
-    fp = np.asarray([_fingerprint(vq_params), len(images), zlib.crc32(np.ascontiguousarray(images[:64]).tobytes())],
+    fp = np.asarray([_fingerprint(vq_params), len(images), zlib.crc32(np.ascontiguousarray(images).view(np.uint8))],
                     np.int64)
     if cache.is_file():
         with np.load(cache) as f:
@@ -169,6 +149,20 @@ def make_ldm_config(ae_cfg: AutoencoderConfig, latent_side: int, scale_factor: f
     u.update(image_size=latent_side, in_channels=ae_cfg.embed_dim, out_channels=ae_cfg.embed_dim)
     cs = ClassEmbedderConfig(**ldm_config["cond_stage"])
     return LDMConfig(OpenAIUNetConfig.from_dict(u), ae_cfg, cs, "crossattn", float(scale_factor), latent_side)
+
+
+def init_ldm_params(config: LDMConfig, seed: int) -> dict:
+    """Fresh ``{"unet", "cond_stage"}`` subtrees of a :class:`LatentDiffusion` (no first stage).
+
+    Initialised network by network, so the first stage (loaded, not trained) is not
+    initialised and compiled for nothing; the subtrees are those of ``LatentDiffusion.init``.
+    """
+    ku, kc = jax.random.split(jax.random.key(seed))
+    side, cs = config.image_size, config.cond_stage
+    unet = compile_once(OpenAIUNet(config.unet).init, ku, jnp.zeros((1, side, side, config.unet.in_channels), jnp.float32),
+                        jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, cs.embed_dim), jnp.float32))["params"]
+    cond = ClassEmbedder(cs).init(kc, jnp.zeros((1,), jnp.int32))["params"]
+    return {"unet": unet, "cond_stage": cond}
 
 
 def train_ldm(
@@ -225,10 +219,9 @@ def train_ldm(
 
     lcfg = make_ldm_config(ae_cfg, latents.shape[1], scale_factor, ldm_config)
     module = LatentDiffusion(lcfg)
-    full = module.init(jax.random.key(cfg.seed), jnp.zeros((1, *latents.shape[1:]), jnp.float32),
-                       jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
-    params = {"unet": full["unet"], "cond_stage": full["cond_stage"]}  # the first stage stays frozen
-    count = {k: sum(int(v.size) for v in jax.tree_util.tree_leaves(t)) for k, t in full.items()}
+    params = init_ldm_params(lcfg, cfg.seed)  # the trained subtrees; the first stage stays frozen
+    count = {k: sum(int(v.size) for v in jax.tree_util.tree_leaves(t))
+             for k, t in {**params, "first_stage": vq_params}.items()}
     loss_fn = ldm_loss(module, schedule, label_dropout)
     export_dir = Path(export_dir or run_dir / "model")
     t_start = time.time()

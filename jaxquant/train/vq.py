@@ -153,6 +153,22 @@ def vq_loss(module: VQModel, loss_cfg: VQLossConfig) -> Callable[[Any, dict, jax
     return loss_fn
 
 
+def compile_once(fn: Callable, *args: Any) -> Any:
+    """``jax.jit(fn)(*args)`` compiled without XLA's backend optimisation, for code that runs once.
+
+    Parameter initialisation (a threefry stream and an initializer per parameter) takes
+    seconds to compile with optimisation and microseconds to run; eager execution is no
+    better (a compile per primitive). Same random streams, hence the same parameters up
+    to float rounding of the initializers.
+    """
+    lowered = jax.jit(fn).lower(*args)
+    try:
+        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    except Exception:  # a backend without that option
+        compiled = lowered.compile()
+    return compiled(*args)
+
+
 def init_vq_params(module: VQModel, images: np.ndarray, seed: int, init_images: int = 256) -> dict:
     """Random VQModel parameters with the codebook seeded from encoder outputs.
 
@@ -163,14 +179,13 @@ def init_vq_params(module: VQModel, images: np.ndarray, seed: int, init_images: 
     """
     cfg = module.config
     kp, kc, kn = jax.random.split(jax.random.key(seed), 3)
-    params = module.init(kp, jnp.zeros((1, *images.shape[1:]), jnp.float32))["params"]
-    params = jax.tree_util.tree_map(lambda a: a, params)  # unfreeze-safe copy
+    params = compile_once(module.init, kp, jnp.zeros((1, *images.shape[1:]), jnp.float32))["params"]
+    params = jax.tree_util.tree_map(lambda a: a, params)  # a fresh nested dict
     k = cfg.n_embed
     if init_images <= 0:
         e = jax.random.uniform(kc, (k, cfg.embed_dim), minval=-1.0 / k, maxval=1.0 / k)
     else:
-        x = jnp.asarray(images[:init_images], jnp.float32)
-        z = np.asarray(module.apply({"params": params}, x, method=VQModel.encode)).reshape(-1, cfg.embed_dim)
+        z = encode_images(cfg, params, images[:init_images]).reshape(-1, cfg.embed_dim)
         rng = np.random.default_rng([seed, 1])
         uniq = np.unique(np.round(z, 4), axis=0)
         pool = uniq if len(uniq) >= k else z
@@ -179,6 +194,26 @@ def init_vq_params(module: VQModel, images: np.ndarray, seed: int, init_images: 
         e = jnp.asarray(pool[pick]) + 1e-3 * scale * jax.random.normal(kn, (k, cfg.embed_dim))
     params["quantize"]["embedding"]["embedding"] = e.astype(jnp.float32)
     return params
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(config: AutoencoderConfig) -> Callable:
+    module = VQModel(config)
+    return jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode))
+
+
+def encode_images(config: AutoencoderConfig, params: Any, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Unscaled latents ``VQModel.encode`` (the unquantized ``quant_conv`` output) of NHWC ``images``."""
+    enc = _encode_fn(config)
+    batch_size = max(1, min(batch_size, len(images)))
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = np.asarray(images[i:i + batch_size], np.float32)
+        m = len(x)
+        if m < batch_size:  # pad to one compiled shape
+            x = np.concatenate([x, np.zeros((batch_size - m, *x.shape[1:]), np.float32)])
+        out.append(np.asarray(enc(params, jnp.asarray(x)))[:m])
+    return np.concatenate(out)
 
 
 @functools.lru_cache(maxsize=8)
