@@ -1,4 +1,7 @@
 import os
+import tempfile
 
-# Tests run on the CPU; keep XLA from grabbing every core for one small op.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Many tests build the same small networks; a persistent compilation cache shared by
+# the run lets later tests reuse earlier compiles instead of recompiling.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxquant-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
