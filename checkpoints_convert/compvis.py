@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from checkpoints_convert.common import load_torch_state_dict, state_dict_to_params, torch_name_for
+from jaxquant.diffusion.schedules import compvis_schedule
 from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
 
@@ -120,20 +121,7 @@ def _schedule_from_params(params: Mapping[str, Any]) -> dict:
         beta_schedule = "squaredcos_cap_v2"  # identical to CompVis' cosine with cosine_s = 0.008
     else:
         raise ConfigError(f"model.params field 'beta_schedule' = {kind!r} is not supported (supported: linear, cosine)")
-    return {
-        "num_train_timesteps": n,
-        "beta_start": start,
-        "beta_end": end,
-        "beta_schedule": beta_schedule,
-        # CompVis' DDIM sampler: no x0 clipping, timesteps range(0, T, T//S) + 1, and the
-        # last step's previous cumulative alpha is alphas_cumprod[0].
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "variance_type": "fixed_small",
-        "prediction_type": "epsilon",
-    }
+    return compvis_schedule(start, end, n, beta_schedule)
 
 
 def compvis_betas(schedule: Mapping[str, Any]) -> np.ndarray:

@@ -297,3 +297,26 @@ def sampling_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
     else:  # pragma: no cover - rejected by ScheduleConfig
         raise ConfigError(f"unknown timestep_spacing {cfg.timestep_spacing!r}")
     return np.ascontiguousarray(ts)
+
+
+def compvis_schedule(linear_start: float, linear_end: float, timesteps: int = 1000,
+                     beta_schedule: str = "scaled_linear") -> dict:
+    """The schedule dict of a CompVis latent-diffusion model, sampled as CompVis does.
+
+    CompVis "linear" betas are ``linspace(sqrt(start), sqrt(end))**2``: diffusers'
+    ``scaled_linear``. CompVis' DDIM sampler uses no x0 clipping, timesteps
+    ``range(0, T, T//S) + 1`` (leading spacing, offset 1) and ``alphas_cumprod[0]`` as
+    the last step's previous cumulative alpha (``set_alpha_to_one=False``).
+    """
+    return {
+        "num_train_timesteps": timesteps,
+        "beta_start": linear_start,
+        "beta_end": linear_end,
+        "beta_schedule": beta_schedule,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "variance_type": "fixed_small",
+        "prediction_type": "epsilon",
+    }

@@ -37,6 +37,7 @@ import numpy as np
 from jaxquant.diffusion.schedules import ScheduleConfig, alphas_cumprod
 from jaxquant.errors import ConfigError, JaxquantError
 from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
+from jaxquant.diffusion.schedules import compvis_schedule
 from jaxquant.models.autoencoder import AutoencoderConfig
 from jaxquant.models.ldm import ClassEmbedder, ClassEmbedderConfig, LatentDiffusion, LDMConfig
 from jaxquant.models.openai_unet import OpenAIUNet, OpenAIUNetConfig
@@ -46,18 +47,7 @@ from jaxquant.train.vq import compile_once, encode_images, load_vq
 
 # CompVis "linear" betas 0.0015 → 0.0195 (cin256-v2's), as the compvis converter writes them:
 # diffusers "scaled_linear", DDIM with CompVis' conventions (no clipping, leading spacing + 1).
-LDM_SCHEDULE: dict = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0015,
-    "beta_end": 0.0195,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "variance_type": "fixed_small",
-    "prediction_type": "epsilon",
-}
+LDM_SCHEDULE: dict = compvis_schedule(0.0015, 0.0195, 1000)
 
 # The shipped Fashion-MNIST LDM: cin256-v2's UNetModel layout (spatial transformers with
 # cross-attention to a class embedding at every attention level and in the middle block)
