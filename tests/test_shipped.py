@@ -34,3 +34,27 @@ def test_demo_writes_a_grid_of_distinct_images(tmp_path, capsys):
     assert arr.shape == (4, 32, 32, 1) and arr.dtype == np.uint8
     assert len({a.tobytes() for a in arr}) == 4 and arr.std() > 10
     assert (tmp_path / "ddpm-fmnist-samples.png").stat().st_size > 0
+
+
+def test_shipped_classifier_reaches_92_percent_on_the_test_set():
+    from pathlib import Path
+
+    from jaxquant.data import load_fashion_mnist
+    from jaxquant.data.fmnist import DEFAULT_DIR
+    from jaxquant.eval.features import extract_features, get_feature_net
+
+    if not Path(DEFAULT_DIR).is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    x, y = load_fashion_mnist("test", as_uint8=True)
+    feats = extract_features(get_feature_net("fmnist"), x, batch_size=1000)
+    assert feats["pool"].shape == (10_000, 256) and feats["spatial"].shape == (10_000, 8, 8, 64)
+    acc = float((feats["logits"].argmax(-1) == y).mean())
+    assert acc >= 0.92
+
+
+def test_shipped_fmnist_reference_statistics():
+    from jaxquant.eval.refbatch import load_reference
+
+    ref = load_reference(ASSETS_DIR / "refs" / "fashion-mnist-test-fmnist.npz", feature_net="fmnist")
+    assert ref["mu"].shape == (256,) and ref["sigma"].shape == (256, 256)
+    assert ref["mu_s"].shape == (448,) and ref["sigma_s"].shape == (448, 448)
