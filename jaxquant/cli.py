@@ -310,36 +310,53 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    import jaxquant
+def _load_or_calibrate(args: argparse.Namespace, model, xtx: bool):
+    """The calibration named by ``--calib``, or a fresh one from the calibration flags."""
     from jaxquant.calib import calibrate, load_calibration
-    from jaxquant.io.model_dir import save_model_dir
-    from jaxquant.quant.accounting import storage_report
+
+    if args.calib:
+        calib = load_calibration(args.calib)
+        if args.groups not in (None, calib.config.groups):
+            raise JaxquantError(f"--groups {args.groups} differs from the calibration's {calib.config.groups} groups")
+        if xtx and not calib.xtx:
+            raise JaxquantError(f"calibration '{args.calib}' has no XᵀX statistics (made with --no-xtx?)")
+        return calib
+    return calibrate(model, _calib_config(args, xtx=xtx))
+
+
+def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
+    """``--method uniform``: per-channel uniform weights, per-group activation ranges."""
     from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
     from jaxquant.quant.rules import load_rules
     from jaxquant.quant.uniform import WeightQuantConfig
 
-    if args.method != "uniform":
-        raise JaxquantError(f"--method {args.method} is not available yet (available: uniform)")
-    model = jaxquant.load(args.model)
     wcfg = WeightQuantConfig(bits=args.w_bits, symmetric=args.symmetric, group_size=args.group_size)
     acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
-    calib = None
-    if acfg.bits is not None:
-        if args.calib:
-            calib = load_calibration(args.calib)
-            if args.groups not in (None, calib.config.groups):
-                raise JaxquantError(f"--groups {args.groups} differs from the calibration's {calib.config.groups} groups")
-        else:
-            calib = calibrate(model, _calib_config(args, xtx=False))
+    calib = _load_or_calibrate(args, model, xtx=False) if acfg.bits is not None else None
     params = quantize_uniform(model, calib, wcfg, acfg, rules)
-    meta = model.meta
-    meta.extra = {**meta.extra, "quantized": {
+    return params, {
         "method": "uniform", "w_bits": args.w_bits, "a_bits": args.a_bits,
         "timestep_groups": calib.config.groups if calib else None, "symmetric": args.symmetric,
         "group_size": args.group_size, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
-        "rules": args.rules, "source": str(model.path)}}
+        "rules": args.rules}
+
+
+#: ``jaxquant quantize --method M``: fn(args, model) -> (quantized params, manifest dict).
+QUANTIZE_METHODS: dict = {"uniform": _quantize_uniform}
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import jaxquant
+    from jaxquant.io.model_dir import save_model_dir
+    from jaxquant.quant.accounting import storage_report
+
+    if args.method not in QUANTIZE_METHODS:
+        raise JaxquantError(f"--method {args.method} is not available yet (available: {', '.join(QUANTIZE_METHODS)})")
+    model = jaxquant.load(args.model)
+    params, manifest = QUANTIZE_METHODS[args.method](args, model)
+    meta = model.meta
+    meta.extra = {**meta.extra, "quantized": {**manifest, "source": str(model.path)}}
     save_model_dir(args.out, meta, params)
     rep = storage_report(params)
     print(f"wrote {args.out}: {rep.total_bytes} bytes, {rep.bits_per_quantized_weight:.3f} bits per quantized "
