@@ -1,0 +1,210 @@
+"""Quality, size and speed of quantized models: the results tables of BENCHMARKS.md.
+
+For each configuration of one model: quantize it with the same code path as
+``jaxquant quantize`` (the CLI's method table), sample ``--num`` images with DDIM, and
+evaluate them against the Fashion-MNIST test set (FID / sFID / IS / precision / recall
+under the chosen feature network). Also recorded per configuration: the model's
+storage (bytes, bits per weight) and the sampling throughput of the jitted per-batch
+function (images/s after compilation), so quantized and float models are timed the same
+way in the same run.
+
+Configurations are short names:
+
+    fp                      the float model
+    uniform-w4a8            jaxquant quantize --method uniform --w-bits 4 --a-bits 8
+    uniform-w4af            float activations (--a-bits none)
+    uniform-w4a8-g4         ... with 4 timestep groups (one calibration per group count)
+    aq-w2a8                 --method aq --w-bits 2 --a-bits 8
+    rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
+
+Every finished configuration is stored in the JSON result (``--out``) and skipped on a
+rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
+run resumes where it stopped.
+
+    python -m benchmarks.quality_table --model ddpm-fmnist --configs fp uniform-w8a8 uniform-w4a8 --num 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine
+
+_SPEC = re.compile(r"(?P<method>uniform|aq|rd)-w(?P<w>\d+)a(?P<a>\d+|f)(?P<rest>(-[a-z0-9+]+)*)")
+
+
+def parse_config(name: str) -> dict:
+    """``{"method", "w_bits", "a_bits", "groups", "distortion"}`` of a configuration name."""
+    if name == "fp":
+        return {"method": "fp"}
+    m = _SPEC.fullmatch(name)
+    if m is None:
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim] (e.g. uniform-w4a8-g4)")
+    cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
+           "groups": 1, "distortion": "mse"}
+    for part in filter(None, m["rest"].split("-")):
+        if re.fullmatch(r"g\d+", part):
+            cfg["groups"] = int(part[1:])
+        elif part in ("ssim", "mse+ssim"):
+            cfg["distortion"] = "mse+ssim"
+        else:
+            raise SystemExit(f"bad configuration {name!r}: unknown part {part!r}")
+    return cfg
+
+
+def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str]:
+    """The ``jaxquant quantize`` command line of a parsed configuration."""
+    argv = ["quantize", model, "--method", cfg["method"], "--w-bits", str(cfg["w_bits"]),
+            "--a-bits", "none" if cfg["a_bits"] is None else str(cfg["a_bits"]), "--calib", str(calib_dir),
+            "--out", str(out)]
+    if cfg["method"] == "rd":
+        argv += ["--distortion", cfg["distortion"]]
+    return argv
+
+
+def sample_labels(model, num: int) -> np.ndarray | None:
+    """Class-balanced labels for class-conditional models (``None`` otherwise)."""
+    from jaxquant.diffusion.pipeline import num_classes
+
+    n = num_classes(model)
+    if n is None:
+        return None
+    return np.arange(num) % n
+
+
+def throughput(model, steps: int, batch: int, cfg_scale: float, repeats: int = 2) -> float:
+    """Images/s of the jitted per-batch sampling function (compiled first, then timed)."""
+    import jax
+
+    from jaxquant.diffusion.pipeline import sampling_fn
+    from jaxquant.diffusion.samplers import initial_noise
+
+    run = sampling_fn(model, steps=steps, cfg_scale=cfg_scale)
+    key = jax.random.key(1)
+    x = initial_noise(key, (batch, *model.sample_shape))
+    labels = sample_labels(model, batch)
+    y = None if labels is None else jax.numpy.asarray(labels, jax.numpy.int32)
+    run(model.params, x, key, y).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(model.params, x, key, y).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return batch / min(times)
+
+
+def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
+    """Quantize (unless fp), sample, evaluate and time one configuration."""
+    import jaxquant
+    from jaxquant.cli import main as cli
+    from jaxquant.diffusion.pipeline import generate
+    from jaxquant.eval.evaluate import evaluate
+    from jaxquant.images import save_samples_npz
+    from jaxquant.quant.accounting import storage_report
+
+    cfg = parse_config(name)
+    t0 = time.time()
+    if cfg["method"] == "fp":
+        qdir = args.model
+    else:
+        calib = work / f"calib-g{cfg['groups']}"
+        meta = calib / "calibration.json"
+        if not (meta.is_file() and json.loads(meta.read_text()).get("complete")):
+            argv = ["calibrate", args.model, "--groups", str(cfg["groups"]), "--num-samples", str(args.calib_samples),
+                    "--steps", str(args.steps), "--batch-size", str(min(32, args.calib_samples)), "--cfg-scale", str(args.cfg_scale), "--out", str(calib)]
+            if cli(argv) != 0:
+                raise SystemExit(f"calibration for {name} failed")
+        qdir = work / name
+        if not (qdir / "config.json").is_file():
+            if cli(quantize_args(args.model, cfg, calib, qdir)) != 0:
+                raise SystemExit(f"quantization {name} failed")
+    t_quant = time.time() - t0
+    model = jaxquant.load(str(qdir))
+    rep = storage_report(model.params)
+    npz = work / f"{name}-samples.npz"
+    if not npz.is_file():
+        labels = sample_labels(model, args.num)
+        imgs = generate(model, args.num, steps=args.steps, seed=args.seed, batch_size=args.batch,
+                        labels=labels, cfg_scale=args.cfg_scale)
+        save_samples_npz(imgs, npz, labels)
+    metrics = {f: evaluate(str(npz), args.ref, f, progress=False) for f in args.features}
+    ips = throughput(model, args.steps, args.batch, args.cfg_scale)
+    return {"config": cfg, "model_dir": str(qdir), "total_bytes": rep.total_bytes,
+            "bits_per_weight": rep.bits_per_weight, "bits_per_quantized_weight": rep.bits_per_quantized_weight,
+            "images_per_s": ips, "quantize_s": round(t_quant, 1), "metrics": metrics}
+
+
+def format_table(result: dict) -> str:
+    """Markdown rows: config, bits, size, FID/sFID/IS per feature net, img/s (ratio to fp)."""
+    rows = result["configs"]
+    fp_ips = rows.get("fp", {}).get("images_per_s")
+    feats = result["features"]
+    head = "| config | bits/w (quantized) | bytes | " + " | ".join(
+        f"FID / sFID / IS ({f})" for f in feats) + " | img/s | vs fp |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in rows.items():
+        cells = []
+        for f in feats:
+            m = r["metrics"][f]
+            cells.append(f"{m['fid']:.2f} / {m['sfid']:.2f} / {m['inception_score']:.2f}")
+        q = f"{r['bits_per_quantized_weight']:.2f}" if r["config"]["method"] != "fp" else "32 (float)"
+        ratio = f"{r['images_per_s'] / fp_ips:.2f}×" if fp_ips else ""
+        lines.append(f"| {name} | {q} | {r['total_bytes']:,} | " + " | ".join(cells)
+                     + f" | {r['images_per_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="ddpm-fmnist")
+    ap.add_argument("--configs", nargs="+", default=["fp", "uniform-w8a8", "uniform-w6a6", "uniform-w4a8",
+                                                     "uniform-w4a4", "uniform-w4a8-g4"])
+    ap.add_argument("--num", type=int, default=10000, help="samples per configuration")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (class-conditional models)")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration trajectories")
+    ap.add_argument("--ref", default="fashion-mnist-test")
+    ap.add_argument("--features", nargs="+", default=["fmnist"])
+    ap.add_argument("--work", default=None, help="samples, calibrations, quantized models (default runs/quality/MODEL)")
+    ap.add_argument("--out", default=None, help="JSON result (default benchmarks/results/quality_MODEL.json)")
+    args = ap.parse_args()
+    for c in args.configs:
+        parse_config(c)
+    tag = Path(args.model).name
+    work = Path(args.work or f"runs/quality/{tag}")
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"quality_{tag}.json")
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    settings = {"model": args.model, "num": args.num, "steps": args.steps, "seed": args.seed, "batch": args.batch,
+                "cfg_scale": args.cfg_scale, "ref": args.ref, "features": args.features,
+                "calib_samples": args.calib_samples}
+    if result and {k: result.get(k) for k in settings} != settings:
+        raise SystemExit(f"{out} holds results of other settings; use another --out")
+    result = {**settings, "configs": result.get("configs", {}), **{k: result[k] for k in ("date", "machine")
+                                                                     if k in result}}
+    result.setdefault("date", time.strftime("%Y-%m-%d"))
+    result.setdefault("machine", machine())
+    print(result["machine"])
+    for name in args.configs:
+        if name in result["configs"]:
+            print(f"{name}: done before, skipped")
+            continue
+        print(f"== {name}")
+        result["configs"][name] = run_config(name, args, work)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+    print(format_table(result))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
