@@ -9,6 +9,7 @@ process and machine. Prints images/s for both and the ratio; `--json` stores the
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -37,6 +38,7 @@ def main() -> None:
 
     from jaxquant.diffusion import ScheduleConfig, initial_noise, make_sampler
     from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
+    from jaxquant.xla import compiler_options
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,30 +59,44 @@ def main() -> None:
                 x = sched.step(eps, t, x, eta=0.0).prev_sample
         return x
 
-    torch_run()  # warm-up
-    t_torch, _ = timeit(torch_run, args.repeats)
-
-    # JAX: the whole chain is one jitted lax.scan.
+    # JAX: the whole chain is one jitted lax.scan, compiled with jaxquant's options
+    # (jaxquant.xla) and, for comparison, with XLA's defaults.
     cfg = UNet2DConfig.from_dict(CIFAR10)
     module = UNet2DModel(cfg)
     params = module.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), np.zeros((1,), np.int32))["params"]
     run = make_sampler(lambda p, x, t: module.apply({"params": p}, x, t), ScheduleConfig(), n, "ddim")
+    run_default = run.with_xla_defaults()
     key = jax.random.key(0)
     x_T = initial_noise(key, (b, 32, 32, 3))
     t0 = time.perf_counter()
     run(params, x_T, key).block_until_ready()
     compile_s = time.perf_counter() - t0
-    t_jax, _ = timeit(lambda: run(params, x_T, key).block_until_ready(), args.repeats)
+    run_default(params, x_T, key).block_until_ready()
+    torch_run()  # warm-up
 
-    ips_torch, ips_jax = b / t_torch, b / t_jax
-    print(f"DDIM-{n}, batch {b}, ddpm-cifar10-32 config (35.7M params)")
-    print(f"  diffusers (PyTorch): {ips_torch:7.3f} images/s  ({t_torch:.2f} s per batch)")
-    print(f"  jaxquant (Flax/XLA): {ips_jax:7.3f} images/s  ({t_jax:.2f} s per batch; first call incl. compile {compile_s:.1f} s)")
-    print(f"  ratio jax/torch: {ips_jax / ips_torch:.2f}x")
+    # Interleaved repeats, so drift in the machine's load hits all sides alike.
+    sides = {"torch": torch_run, "jax": lambda: run(params, x_T, key).block_until_ready(),
+             "jax_xla_defaults": lambda: run_default(params, x_T, key).block_until_ready()}
+    times = {k: [] for k in sides}
+    for _ in range(args.repeats):
+        for k, fn in sides.items():
+            times[k].append(timeit(fn, 1)[0])
+    ips = {k: b / statistics.median(v) for k, v in times.items()}
+    print(f"DDIM-{n}, batch {b}, ddpm-cifar10-32 config (35.7M params), median of {args.repeats}")
+    print(f"  diffusers (PyTorch):            {ips['torch']:7.3f} images/s")
+    print(f"  jaxquant (Flax/XLA):            {ips['jax']:7.3f} images/s  (compile {compile_s:.1f} s; "
+          f"options {dict(compiler_options()) or 'XLA defaults'})")
+    print(f"  jaxquant with XLA's defaults:   {ips['jax_xla_defaults']:7.3f} images/s")
+    print(f"  ratio jax/torch: {ips['jax'] / ips['torch']:.2f}x  (XLA defaults: "
+          f"{ips['jax_xla_defaults'] / ips['torch']:.2f}x)")
     if args.json:
-        p = write_result("sampling_speed", {"batch": b, "steps": n, "torch_images_per_s": ips_torch,
-                                            "jax_images_per_s": ips_jax, "ratio": ips_jax / ips_torch,
-                                            "jax_compile_s": compile_s})
+        p = write_result("sampling_speed", {"batch": b, "steps": n, "torch_images_per_s": ips["torch"],
+                                            "jax_images_per_s": ips["jax"],
+                                            "jax_xla_defaults_images_per_s": ips["jax_xla_defaults"],
+                                            "ratio": ips["jax"] / ips["torch"],
+                                            "ratio_xla_defaults": ips["jax_xla_defaults"] / ips["torch"],
+                                            "jax_compile_s": compile_s, "times_s": times,
+                                            "compiler_options": dict(compiler_options())})
         print(f"wrote {p}")
 
 

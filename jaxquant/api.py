@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxquant.errors import CheckpointError
 from jaxquant.io.model_dir import ModelDirMeta, load_model_dir, resolve_model_path
+from jaxquant import xla
 
 
 class Model:
@@ -71,7 +72,7 @@ class Model:
 
     @functools.cached_property
     def _jitted(self):
-        return jax.jit(self.apply)
+        return xla.jit(self.apply)
 
     def __call__(self, x: Any, t: Any, y: Any = None) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
@@ -86,8 +87,8 @@ class Model:
             from jaxquant.errors import ConfigError
 
             raise ConfigError(f"a {self.architecture!r} model has no first stage: encode/decode need a latent-diffusion (ldm) model")
-        enc = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method="encode"))
-        dec = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method="decode"))
+        enc = xla.jit(lambda p, x: self.module.apply({"params": p}, x, method="encode"))
+        dec = xla.jit(lambda p, z: self.module.apply({"params": p}, z, method="decode"))
         return enc, dec
 
     def encode(self, images: Any) -> jax.Array:

@@ -36,6 +36,7 @@ from jaxquant.diffusion.schedules import sampling_timesteps
 from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.models.introspect import conv_layers
 from jaxquant.quant.activation import timestep_group
+from jaxquant import xla
 
 CALIB_FORMAT = "jaxquant-calibration"
 CALIB_VERSION = 1
@@ -150,7 +151,7 @@ def _trajectory_fn(model, cfg: CalibConfig, eps_fn):
     ts = sampling_timesteps(sched, cfg.steps)
     prevs = previous_timesteps(sched, cfg.steps, cfg.sampler)
 
-    @jax.jit
+    @xla.jit
     def run(params, key, y):
         x = initial_noise(key, (cfg.batch_size, *model.sample_shape))
 
@@ -219,7 +220,7 @@ def calibrate(model, cfg: CalibConfig, out_dir: str | Path | None = None, progre
         if mngr.latest_step() is not None:
             state = _restore_state(mngr, state)
 
-    @jax.jit
+    @xla.jit
     def site_stats(params, x, t, y, key):
         acts = capture(params, x, t, y)
         out = {}
@@ -329,7 +330,7 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[di
     total = len(chunks) * S * math.ceil(N / bs)
     bar = tqdm(total=total, desc="XᵀX", disable=not progress, unit="call")
     for names in chunks:
-        @jax.jit
+        @xla.jit
         def acc(params, acc_state, x, t, y, names=tuple(names)):
             acts = capture(params, x, t, y)
             new = {}

@@ -27,6 +27,7 @@ from jaxquant.diffusion.guidance import guided_eps
 from jaxquant.diffusion.samplers import initial_noise, make_sampler
 from jaxquant.errors import ConfigError
 from jaxquant.images import to_uint8
+from jaxquant import xla
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -183,7 +184,7 @@ def sampling_fn(
             z = module.apply({"params": params}, z, method="decode")
         return z.astype(jnp.float32)
 
-    return jax.jit(fn)
+    return xla.jit(fn)
 
 
 def generate(

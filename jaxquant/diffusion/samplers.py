@@ -38,6 +38,7 @@ from jaxquant.diffusion.schedules import (
     sampling_timesteps,
 )
 from jaxquant.errors import ConfigError
+from jaxquant import xla
 
 __all__ = [
     "SAMPLERS",
@@ -323,4 +324,4 @@ def make_sampler(
     def fn(params: Any, x_T: jax.Array, key: jax.Array, *extra_args: Any) -> jax.Array:
         return run(lambda x, t: eps_apply(params, x, t, *extra_args), x_T, key)
 
-    return jax.jit(fn)
+    return xla.jit(fn)

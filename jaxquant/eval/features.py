@@ -52,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from jaxquant.errors import CheckpointError, ConfigError, DataError
+from jaxquant import xla
 
 __all__ = [
     "INCEPTION_WEIGHTS_ENV",
@@ -361,7 +362,7 @@ def make_feature_net(
     variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     fn = module.apply if apply_fn is None else apply_fn
 
-    @jax.jit
+    @xla.jit
     def _run(v: Variables, images: jax.Array) -> dict[str, jax.Array]:
         return fn(v, prepare(images))
 

@@ -13,6 +13,7 @@ import optax
 from jaxquant.eval.fmnist_net import FMNIST_NET_CONFIG, build
 from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
 from jaxquant.train.loop import TrainConfig, train
+from jaxquant import xla
 
 
 def augment(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -29,7 +30,7 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
 def accuracy(params: dict, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
     """Top-1 accuracy of the classifier on float images in [-1, 1]."""
     net = build()
-    fwd = jax.jit(lambda p, x: net.apply({"params": p}, x)[0].argmax(-1))
+    fwd = xla.jit(lambda p, x: net.apply({"params": p}, x)[0].argmax(-1))
     correct = 0
     for i in range(0, len(images), batch):
         correct += int((np.asarray(fwd(params, jnp.asarray(images[i:i + batch]))) == labels[i:i + batch]).sum())

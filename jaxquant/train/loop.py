@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxquant import xla
 import optax
 from clu import metrics as clu_metrics
 from tqdm.auto import tqdm
@@ -126,7 +127,7 @@ def train(
         print(f"{description}: resumed from step {latest} in {run_dir / 'checkpoints'}")
     start = int(state.step)
 
-    @jax.jit
+    @xla.jit
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)

@@ -48,6 +48,7 @@ from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.io.model_dir import ModelDirMeta, load_model_dir, save_model_dir
 from jaxquant.models.autoencoder import AutoencoderConfig, VQModel
 from jaxquant.train.loop import TrainConfig, train
+from jaxquant import xla
 
 #: ``architecture`` of an exported VQ autoencoder directory.
 VQ_ARCHITECTURE = "vq-autoencoder"
@@ -199,7 +200,7 @@ def init_vq_params(module: VQModel, images: np.ndarray, seed: int, init_images: 
 @functools.lru_cache(maxsize=8)
 def _encode_fn(config: AutoencoderConfig) -> Callable:
     module = VQModel(config)
-    return jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode))
+    return xla.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode))
 
 
 def encode_images(config: AutoencoderConfig, params: Any, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
@@ -221,7 +222,7 @@ def _recon_fn(config: AutoencoderConfig) -> Callable:
     """Jitted ``(params, x) -> (per-image squared error, per-image abs error, code indices)``."""
     module = VQModel(config)
 
-    @jax.jit
+    @xla.jit
     def step(p: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         z = module.apply({"params": p}, x, method=VQModel.encode)
         idx = module.apply({"params": p}, z, method=lambda m, h: m.quantize.indices(h))

@@ -1,0 +1,104 @@
+"""How jaxquant compiles: :func:`jit`, ``jax.jit`` plus the XLA options chosen here.
+
+One place decides the compiler options of every jitted function in the package.
+
+CPU: jaxlib 0.10 routes convolutions, matmuls and some elementwise work on the CPU
+backend through YNNPACK fusions by default. For the UNets of this package (3×3 and 1×1
+convolutions of 32–512 channels at 4–32 px) XLA's own Eigen-based convolutions are
+faster on the machines we measured (``python -m benchmarks.xla_cpu_options``, recorded
+in ``BENCHMARKS.md``), so on the CPU backend jaxquant compiles with
+``xla_cpu_experimental_ynn_fusion_type`` empty (no YNNPACK fusions). Results agree with
+the default path to float32 rounding (about 1e-6 relative).
+
+The option is used only where it exists: the first compilation probes it once, and a
+jaxlib that does not know it (older or newer releases) or a non-CPU default backend gets
+plain ``jax.jit``. Set ``JAXQUANT_XLA_DEFAULTS=1`` to always compile with XLA's defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+
+#: Compiler options used on the CPU backend (see the module docstring).
+CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options() -> tuple[tuple[str, str], ...]:
+    """The options :func:`jit` adds for the current default backend (empty if none apply)."""
+    if os.environ.get("JAXQUANT_XLA_DEFAULTS", "") not in ("", "0"):
+        return ()
+    if jax.default_backend() != "cpu":
+        return ()
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(CPU_OPTIONS))(jax.numpy.zeros((), jax.numpy.float32))
+    except Exception:  # this jaxlib does not know the option: keep XLA's defaults
+        return ()
+    return tuple(CPU_OPTIONS.items())
+
+
+def _tracing() -> bool:
+    """Whether we are inside a trace (a jit, grad, vmap, … of an enclosing function)."""
+    try:
+        from jax._src import core
+    except ImportError:  # pragma: no cover - layout of a future jax
+        return True
+    check = getattr(core, "trace_state_clean", None)
+    return True if check is None else not check()
+
+
+class _Jitted:
+    """``jax.jit(fun, **kwargs)`` built at first use, so that importing a module with
+    decorated functions does not initialise a JAX backend.
+
+    Compiler options belong to top-level compilations only: called inside an enclosing
+    trace, the plain ``jax.jit`` of the function is used (the enclosing compilation's
+    options apply to it).
+    """
+
+    def __init__(self, fun: Callable, kwargs: dict[str, Any]):
+        self._fun, self._kwargs, self._jitted, self._plain = fun, kwargs, None, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self) -> Any:
+        if self._jitted is None:
+            kwargs = dict(self._kwargs)
+            opts = dict(compiler_options())
+            if opts:
+                kwargs["compiler_options"] = {**opts, **(kwargs.get("compiler_options") or {})}
+            self._jitted = jax.jit(self._fun, **kwargs)
+        return self._jitted
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _tracing():
+            if self._plain is None:
+                self._plain = jax.jit(self._fun, **self._kwargs)
+            return self._plain(*args, **kwargs)
+        return self._get()(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._get().lower(*args, **kwargs)
+
+    def with_xla_defaults(self) -> Any:
+        """The same function under plain ``jax.jit`` (XLA's default options), for comparisons."""
+        return jax.jit(self._fun, **self._kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # eval_shape, trace, clear_cache, …
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
+def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
+    """``jax.jit`` with jaxquant's compiler options; usable as ``@jit`` or ``@jit(static_argnames=…)``.
+
+    Takes the keyword arguments of :func:`jax.jit`; ``compiler_options`` given here
+    override jaxquant's.
+    """
+    if fun is None:
+        return functools.partial(jit, **kwargs)
+    return _Jitted(fun, kwargs)
