@@ -44,6 +44,19 @@ def timeit(fn: Callable[[], object], repeats: int = 3) -> tuple[float, list[floa
     return statistics.median(times), times
 
 
+def time_interleaved(sides: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, list[float]]:
+    """Wall times of each side over ``repeats`` rounds, the sides alternating within a round.
+
+    Load that drifts during the run (other jobs on the machine) then hits every side
+    alike; the caller warms every side up first and usually reports the median.
+    """
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for k, fn in sides.items():
+            times[k].append(timeit(fn, 1)[0])
+    return times
+
+
 def write_result(name: str, result: dict) -> Path:
     """Store a JSON result under benchmarks/results/ with today's date and the machine."""
     out = Path(__file__).resolve().parent / "results"

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import machine, timeit, write_result
+from benchmarks.common import machine, time_interleaved, write_result
 
 CIFAR10 = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
@@ -77,10 +77,7 @@ def main() -> None:
     # Interleaved repeats, so drift in the machine's load hits all sides alike.
     sides = {"torch": torch_run, "jax": lambda: run(params, x_T, key).block_until_ready(),
              "jax_xla_defaults": lambda: run_default(params, x_T, key).block_until_ready()}
-    times = {k: [] for k in sides}
-    for _ in range(args.repeats):
-        for k, fn in sides.items():
-            times[k].append(timeit(fn, 1)[0])
+    times = time_interleaved(sides, args.repeats)
     ips = {k: b / statistics.median(v) for k, v in times.items()}
     print(f"DDIM-{n}, batch {b}, ddpm-cifar10-32 config (35.7M params), median of {args.repeats}")
     print(f"  diffusers (PyTorch):            {ips['torch']:7.3f} images/s")

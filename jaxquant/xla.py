@@ -3,12 +3,16 @@
 One place decides the compiler options of every jitted function in the package.
 
 CPU: jaxlib 0.10 routes convolutions, matmuls and some elementwise work on the CPU
-backend through YNNPACK fusions by default. For the UNets of this package (3×3 and 1×1
-convolutions of 32–512 channels at 4–32 px) XLA's own Eigen-based convolutions are
-faster on the machines we measured (``python -m benchmarks.xla_cpu_options``, recorded
-in ``BENCHMARKS.md``), so on the CPU backend jaxquant compiles with
-``xla_cpu_experimental_ynn_fusion_type`` empty (no YNNPACK fusions). Results agree with
-the default path to float32 rounding (about 1e-6 relative).
+backend through YNNPACK fusions by default. For the diffusion networks of this package
+(dense 3×3 and 1×1 convolutions of 32–512 channels at 4–32 px) XLA's own Eigen-based
+convolutions are faster on the machines we measured (DDIM-20 sampling of the
+ddpm-cifar10-32 config: 1.10× PyTorch instead of 0.74×, ``benchmarks/sampling_speed.py``,
+``BENCHMARKS.md``), so their functions compile with ``xla_cpu_experimental_ynn_fusion_type``
+empty (no YNNPACK fusions): the option set ``"dense-conv"``, the default of :func:`jit`.
+Networks built on depthwise convolutions are the opposite case (EfficientNet-Lite0
+features: 2.6× slower without YNNPACK), so the feature networks and the metrics use the
+option set ``"xla-default"``. Results agree with the default path to float32 rounding
+(about 1e-6 relative).
 
 The option is used only where it exists: the first compilation probes it once, and a
 jaxlib that does not know it (older or newer releases) or a non-CPU default backend gets
@@ -23,14 +27,20 @@ from typing import Any, Callable
 
 import jax
 
-#: Compiler options used on the CPU backend (see the module docstring).
+#: Compiler options used on the CPU backend for dense-convolution networks (see above).
 CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+#: Named option sets :func:`jit` accepts.
+OPTION_SETS = ("dense-conv", "xla-default")
 
 
 @functools.lru_cache(maxsize=None)
-def compiler_options() -> tuple[tuple[str, str], ...]:
-    """The options :func:`jit` adds for the current default backend (empty if none apply)."""
-    if os.environ.get("JAXQUANT_XLA_DEFAULTS", "") not in ("", "0"):
+def compiler_options(options: str = "dense-conv") -> tuple[tuple[str, str], ...]:
+    """The options :func:`jit` adds under option set ``options`` on the current default
+    backend (empty if none apply)."""
+    if options not in OPTION_SETS:
+        raise ValueError(f"unknown XLA option set {options!r} (known: {OPTION_SETS})")
+    if options == "xla-default" or os.environ.get("JAXQUANT_XLA_DEFAULTS", "") not in ("", "0"):
         return ()
     if jax.default_backend() != "cpu":
         return ()
@@ -60,14 +70,14 @@ class _Jitted:
     options apply to it).
     """
 
-    def __init__(self, fun: Callable, kwargs: dict[str, Any]):
-        self._fun, self._kwargs, self._jitted, self._plain = fun, kwargs, None, None
+    def __init__(self, fun: Callable, options: str, kwargs: dict[str, Any]):
+        self._fun, self._options, self._kwargs, self._jitted, self._plain = fun, options, kwargs, None, None
         functools.update_wrapper(self, fun)
 
     def _get(self) -> Any:
         if self._jitted is None:
             kwargs = dict(self._kwargs)
-            opts = dict(compiler_options())
+            opts = dict(compiler_options(self._options))
             if opts:
                 kwargs["compiler_options"] = {**opts, **(kwargs.get("compiler_options") or {})}
             self._jitted = jax.jit(self._fun, **kwargs)
@@ -93,12 +103,18 @@ class _Jitted:
         return getattr(self._get(), name)
 
 
-def jit(fun: Callable | None = None, /, **kwargs: Any) -> Any:
+def jit(fun: Callable | None = None, /, *, options: str = "dense-conv", **kwargs: Any) -> Any:
     """``jax.jit`` with jaxquant's compiler options; usable as ``@jit`` or ``@jit(static_argnames=…)``.
 
-    Takes the keyword arguments of :func:`jax.jit`; ``compiler_options`` given here
-    override jaxquant's.
+    Args:
+      fun: the function.
+      options: the option set, ``"dense-conv"`` (diffusion networks, the default) or
+        ``"xla-default"`` (XLA's own choices; depthwise-convolution networks, metrics).
+      **kwargs: the keyword arguments of :func:`jax.jit`; ``compiler_options`` given
+        here override jaxquant's.
     """
+    if options not in OPTION_SETS:
+        raise ValueError(f"unknown XLA option set {options!r} (known: {OPTION_SETS})")
     if fun is None:
-        return functools.partial(jit, **kwargs)
-    return _Jitted(fun, kwargs)
+        return functools.partial(jit, options=options, **kwargs)
+    return _Jitted(fun, options, kwargs)

@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 
 from jaxquant import xla
@@ -26,6 +27,11 @@ def test_jit_matches_plain_jit_and_xla_defaults():
     np.testing.assert_allclose(np.asarray(f.with_xla_defaults()(x, w)), np.asarray(ref), rtol=0, atol=0)
     # the options are those the module documents, or none on a jaxlib that lacks them
     assert dict(xla.compiler_options()) in ({}, xla.CPU_OPTIONS)
+    assert xla.compiler_options("xla-default") == ()
+    g = xla.jit(_conv, options="xla-default")
+    np.testing.assert_allclose(np.asarray(g(x, w)), np.asarray(ref), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="option set"):
+        xla.jit(_conv, options="fastest")
 
 
 def test_decorator_forms_static_args_and_nesting():
