@@ -58,3 +58,34 @@ def test_shipped_fmnist_reference_statistics():
     ref = load_reference(ASSETS_DIR / "refs" / "fashion-mnist-test-fmnist.npz", feature_net="fmnist")
     assert ref["mu"].shape == (256,) and ref["sigma"].shape == (256, 256)
     assert ref["mu_s"].shape == (448,) and ref["sigma_s"].shape == (448, 448)
+
+
+def test_ldm_fmnist_loads_by_name_decodes_and_has_a_card():
+    import jax
+
+    from jaxquant.diffusion.pipeline import unconditional_label
+
+    assert "ldm-fmnist" in shipped_models()
+    m = jaxquant.load("ldm-fmnist")
+    assert m.architecture == "ldm" and m.is_class_conditional
+    assert m.sample_shape == (8, 8, 3) and unconditional_label(m) == 10
+    sizes = {k: sum(int(np.prod(np.shape(v))) for v in jax.tree_util.tree_leaves(t)) for k, t in m.params.items()}
+    assert set(sizes) == {"unet", "first_stage", "cond_stage"} and 2e6 <= sizes["unet"] <= 8e6
+    # the cin256-v2 code path: spatial transformers cross-attending to the class embedding
+    assert any(".attn2." in n or n.endswith("attn2") for n in _names(m.params["unet"]))
+    rec = m.meta.extra["first_stage"]["test_reconstruction"]
+    assert rec["psnr_db"] > 20 and rec["codebook_usage"] > 0.5
+    eps = m(np.zeros((2, 8, 8, 3), np.float32), [10, 900], y=[3, 10])
+    assert eps.shape == (2, 8, 8, 3) and np.all(np.isfinite(eps))
+    img = m.decode(np.zeros((1, 8, 8, 3), np.float32))
+    assert img.shape == (1, 32, 32, 1)
+    assert (ASSETS_DIR / "ldm-fmnist" / "MODEL_CARD.md").is_file()
+    assert (ASSETS_DIR / "ldm-fmnist" / "samples.png").stat().st_size > 0
+
+
+def _names(tree, prefix=""):
+    for k, v in tree.items():
+        name = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            yield name
+            yield from _names(v, name)
