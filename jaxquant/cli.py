@@ -299,6 +299,13 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_rd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distortion", choices=["mse", "mse+ssim"], default="mse",
+                   help="rd: output distortion, normalised MSE or MSE + (1 - SSIM) (seed 002)")
+    p.add_argument("--rd-inputs", type=int, default=8, metavar="N",
+                   help="rd: calibration inputs per timestep group the curves are measured on")
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import jaxquant
     from jaxquant.calib import calibrate
@@ -344,6 +351,117 @@ def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
 
 #: ``jaxquant quantize --method M``: fn(args, model) -> (quantized params, manifest dict).
 QUANTIZE_METHODS: dict = {"uniform": _quantize_uniform}
+
+
+def _aq_rule_config(value):
+    """A ``--rules`` entry's config for ``--method aq``: ``{}``/``"auto"`` lets the planner
+    choose, ``"2x8 g9"`` or ``{num_codebooks, nbits, group_size}`` fixes the configuration."""
+    from jaxquant.quant.aq_model import AQConfig
+
+    if value in ({}, "auto"):
+        return "auto"
+    if isinstance(value, str):
+        return AQConfig.parse(value)
+    try:
+        return AQConfig(**value)
+    except TypeError as e:
+        raise JaxquantError(f"AQ rule config {value!r}: {e}; expected {{num_codebooks, nbits, group_size}}, "
+                            "'MxB gG' or 'auto'") from None
+
+
+def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
+    """``--method aq``: additive quantization (AQUATIC-Diff) planned to an average of
+    ``--w-bits`` stored bits per weight (or the paper's ``--aq-preset``), optional block
+    fine-tuning, activations at ``--a-bits``; resumable from ``--aq-progress``."""
+    from jaxquant.quant.aq_model import plan_table, preset_plan, quantize_aq
+    from jaxquant.quant.quantize import ActQuantConfig
+    from jaxquant.quant.rules import layer_kernels, load_rules
+
+    acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
+    rules = load_rules(args.rules, _aq_rule_config) if args.rules else None
+    calib = _load_or_calibrate(args, model, xtx=True)
+    progress_dir = args.aq_progress or f"{str(args.out).rstrip('/')}.progress"
+    plan = None
+    if args.aq_preset:
+        from jaxquant.quant.aq_model import resolve_aq_rules
+
+        kernels = layer_kernels(model.params)
+        names, _ = resolve_aq_rules(kernels, rules)
+        plan = preset_plan({n: kernels[n] for n in names}, args.aq_preset)
+    result = quantize_aq(model, calib, None if plan else float(args.w_bits), acfg, plan=plan, rules=rules,
+                         beam_size=args.beam, finetune_steps=args.finetune_steps, progress_dir=progress_dir,
+                         key=args.seed)
+    kernels = layer_kernels(model.params)
+    print(plan_table(kernels, result.plan))
+    print(result.table())
+    return result.params, {
+        "method": "aq", "w_bits": None if args.aq_preset else float(args.w_bits), "preset": args.aq_preset,
+        "a_bits": args.a_bits, "timestep_groups": calib.config.groups, "beam": args.beam,
+        "finetune_steps": args.finetune_steps, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
+        "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
+        "blocks": result.blocks}
+
+
+QUANTIZE_METHODS["aq"] = _quantize_aq
+
+
+def _rd_configs(args: argparse.Namespace, a_bits):
+    """``(weights, acts, rules, curve config)`` of ``--method rd`` / ``rd-curves`` (curves
+    made by either are reused by the other when these agree)."""
+    from jaxquant.quant.quantize import ActQuantConfig
+    from jaxquant.quant.rules import load_rules
+    from jaxquant.quant.uniform import WeightQuantConfig
+    from jaxquant.search.rd import CurveConfig
+
+    wcfg = WeightQuantConfig(symmetric=args.symmetric, group_size=args.group_size)
+    acfg = None if a_bits is None else ActQuantConfig(bits=min(max(int(round(a_bits)), 4), 8), method=args.act_method,
+                                                      softmax_bits=args.softmax_bits)
+    rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
+    return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed)
+
+
+def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
+    """``--method rd``: rate–distortion mixed precision (seed 002): single-site curves of
+    every weight and activation, Lagrangian allocation to average ``--w-bits`` /
+    ``--a-bits`` (activation bits per timestep group); curves resume from ``--curves``."""
+    from jaxquant.search.rd import quantize_model_rd
+
+    wcfg, acfg, rules, ccfg = _rd_configs(args, args.a_bits)
+    calib = _load_or_calibrate(args, model, xtx=False)
+    curves_dir = args.curves or f"{str(args.out).rstrip('/')}.rd"
+    result = quantize_model_rd(model, calib, args.w_bits, args.a_bits, weights=wcfg, acts=acfg, rules=rules,
+                               config=ccfg, distortion=args.distortion, out_dir=curves_dir,
+                               additivity_plans=args.rd_additivity, plots=not args.no_plots)
+    plan = result.plan
+    print(Path(result.files["report"]).read_text().rstrip())
+    return result.params, {
+        "method": "rd", "w_bits": args.w_bits, "a_bits": args.a_bits, "distortion": args.distortion,
+        "timestep_groups": calib.config.groups, "symmetric": args.symmetric, "group_size": args.group_size,
+        "act_method": args.act_method, "softmax_bits": args.softmax_bits, "rules": args.rules,
+        "rd_inputs": args.rd_inputs, "curves": str(curves_dir), "predicted_distortion": plan.predicted,
+        "measured_distortion": result.measured,
+        "additivity_r2": result.additivity.r2 if result.additivity is not None else None,
+        "weight_bits": plan.weight_bits, "act_bits": {k: list(v) for k, v in plan.act_bits.items()}}
+
+
+QUANTIZE_METHODS["rd"] = _quantize_rd
+
+
+def _cmd_rd_curves(args: argparse.Namespace) -> int:
+    import jaxquant
+    from jaxquant.search import plots
+    from jaxquant.search.rd import RDProblem, compute_curves
+
+    model = jaxquant.load(args.model)
+    wcfg, acfg, rules, ccfg = _rd_configs(args, None if args.weights_only else 8)
+    calib = _load_or_calibrate(args, model, xtx=False)
+    problem = RDProblem(model, calib, wcfg, acfg, rules, ccfg)
+    curves = compute_curves(problem, args.out)
+    png = plots.plot_curves(curves, Path(args.out) / "curves.png", args.distortion)
+    n_w, n_a = len(curves.of_kind("weight")), len(curves.of_kind("act"))
+    print(f"wrote {Path(args.out) / 'curves.json'} ({n_w} weight and {n_a} activation sites, {curves.groups} "
+          f"timestep group(s)) and {png}")
+    return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -462,12 +580,44 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
     qz.add_argument("--act-method", choices=["mse", "percentile"], default="mse")
     qz.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
+    _add_rd_args(qz)
+    qz.add_argument("--curves", default=None, metavar="DIR",
+                    help="rd: curves (resumable), plan, report and plots (default OUT.rd)")
+    qz.add_argument("--rd-additivity", type=int, default=16, metavar="N",
+                    help="rd: random plans of the additivity check (0: skip)")
+    qz.add_argument("--no-plots", action="store_true", help="rd: do not write PNG plots")
     qz.add_argument("--rules", default=None, help="YAML list of {pattern: REGEX, config: {bits: …} | null}")
     qz.add_argument("--calib", default=None, help="calibration directory (default: calibrate now)")
+    qz.add_argument("--beam", type=int, default=8, help="aq: beam width of the code search")
+    qz.add_argument("--finetune-steps", type=int, default=0,
+                    help="aq: Adam steps of block fine-tuning per UNet block (0: none)")
+    qz.add_argument("--aq-preset", choices=["W2", "W4"], default=None,
+                    help="aq: AQUATIC-Diff's configuration for every layer (2x8 / 4x8, g9 for 3x3 convs, g8 "
+                    "otherwise) instead of planning to --w-bits")
+    qz.add_argument("--aq-progress", default=None, metavar="DIR",
+                    help="aq: finished layers and blocks, to resume a killed run (default OUT.progress)")
     _add_calib_args(qz)
     qz.set_defaults(groups=None)
     qz.add_argument("--out", required=True, help="output model directory")
     qz.set_defaults(fn=_cmd_quantize)
+
+    rdc = sub.add_parser("rd-curves", help="rate–distortion curves of every weight and activation site, and their plot",
+                         description="Output distortion of the whole model when only one site (a layer's weights "
+                         "or an activation) is quantized, for every site and bit width, per timestep group; "
+                         "written to OUT/curves.json (rerun to resume) and plotted to OUT/curves.png. "
+                         "`jaxquant quantize --method rd --curves OUT` reuses them.")
+    rdc.add_argument("model", help="model directory or shipped name")
+    rdc.add_argument("--out", required=True, help="curves directory (rerun to resume)")
+    rdc.add_argument("--calib", default=None, help="calibration directory (default: calibrate now)")
+    rdc.add_argument("--rules", default=None, help="YAML rules choosing the layers (their bits are ignored)")
+    rdc.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")
+    rdc.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
+    rdc.add_argument("--act-method", choices=["mse", "percentile"], default="mse")
+    rdc.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
+    rdc.add_argument("--weights-only", action="store_true", help="no activation sites")
+    _add_rd_args(rdc)
+    _add_calib_args(rdc)
+    rdc.set_defaults(groups=None, fn=_cmd_rd_curves)
 
     inf = sub.add_parser("info", help="per-layer storage of a model directory: bytes, bits per weight, size on disk")
     inf.add_argument("model", help="model directory or shipped name")

@@ -10,6 +10,10 @@ x, t)``) instead of living in global state.
 ``split > 0`` quantizes channels ``[:split]`` and ``[split:]`` with separate ranges:
 Q-Diffusion's split quantization of the concatenated (upsampled features, skip) input
 of up-block shortcuts, whose two halves have very different ranges.
+
+``bits`` is one bit width for all groups, or a tuple with one bit width per timestep
+group (mixed precision chosen per group, :mod:`jaxquant.search.rd`); selecting a group
+then also selects its largest code (``qmax``), so the group index may stay traced.
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ class ActQuant:
     Attributes:
       scale: float32 ``[G, P]`` (``G`` timestep groups, ``P`` = 1, or 2 with ``split``).
       zero: float32 ``[G, P]`` integer-valued zero points in ``[0, 2**bits - 1]``.
-      bits: bit width.
+      bits: bit width, or a tuple of ``G`` bit widths (one per timestep group).
       split: first channel of the second part (0: no split).
+      qmax: ``None`` when stored; set by :meth:`select` on quantizers with per-group
+        bits to the selected group's largest code (a traced float32 scalar).
     """
 
     scale: jax.Array
     zero: jax.Array
-    bits: int = flax.struct.field(pytree_node=False)
+    bits: int | tuple[int, ...] = flax.struct.field(pytree_node=False)
     split: int = flax.struct.field(pytree_node=False, default=0)
+    qmax: jax.Array | None = None
 
     num_weights = 0  # stores no weights (accounting)
 
@@ -47,12 +54,22 @@ class ActQuant:
     def num_groups(self) -> int:
         return int(self.scale.shape[0])
 
+    @property
+    def group_bits(self) -> tuple[int, ...]:
+        """Bit width of each timestep group."""
+        return tuple(self.bits) if isinstance(self.bits, tuple) else (self.bits,) * self.num_groups
+
     def describe(self) -> str:
-        return f"act {self.bits}b x{self.num_groups} groups" + (" split" if self.split else "")
+        bits = "/".join(map(str, self.bits)) if isinstance(self.bits, tuple) else str(self.bits)
+        return f"act {bits}b x{self.num_groups} groups" + (" split" if self.split else "")
 
     def select(self, g: jax.Array | int) -> "ActQuant":
         """The quantizer of timestep group ``g`` (a one-group ActQuant); traceable."""
-        take = lambda a: jax.lax.dynamic_slice_in_dim(a, jnp.asarray(g, jnp.int32), 1, axis=0)  # noqa: E731
+        g = jnp.asarray(g, jnp.int32)
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, g, 1, axis=0)  # noqa: E731
+        if isinstance(self.bits, tuple):
+            qmax = jnp.asarray([2 ** b - 1 for b in self.bits], jnp.float32)[g]
+            return dataclasses.replace(self, scale=take(self.scale), zero=take(self.zero), qmax=qmax)
         return dataclasses.replace(self, scale=take(self.scale), zero=take(self.zero))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,7 +77,12 @@ class ActQuant:
             raise ConfigError(
                 f"this activation quantizer holds {self.num_groups} timestep groups; select one per call "
                 f"with jaxquant.quant.activation.at_timestep_group(params, group)")
-        qmax = 2 ** self.bits - 1
+        if self.qmax is not None:
+            qmax = self.qmax
+        elif isinstance(self.bits, tuple):  # per-group bits, constructed with one group
+            qmax = 2 ** self.bits[0] - 1
+        else:
+            qmax = 2 ** self.bits - 1
         if self.split:
             a = fake_quant(x[..., :self.split], self.scale[0, 0], self.zero[0, 0], qmax)
             b = fake_quant(x[..., self.split:], self.scale[0, 1], self.zero[0, 1], qmax)

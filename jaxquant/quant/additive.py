@@ -80,6 +80,20 @@ def aq_bits_per_weight(out: int, k: int, num_codebooks: int, nbits: int, group_s
             + out * 16) / n
 
 
+def aq_stored_bits(shape: tuple[int, ...], num_codebooks: int, nbits: int, group_size: int) -> int:
+    """Exact bits an :class:`AQWeight` (``packed=True``) of a kernel of ``shape`` stores.
+
+    Codes as uint32 words (each row's ``J·M`` codes one ``nbits``-bit stream, rounded up
+    to whole words), float16 codebooks ``[M, 2**B, g]`` and float16 scales ``[out]``:
+    what :func:`jaxquant.quant.accounting.storage_report` counts for the stored weight,
+    computed from the shape alone (for planning). :func:`aq_bits_per_weight` is the
+    same without the word rounding.
+    """
+    out, k = int(shape[-1]), int(np.prod(shape[:-1]))
+    words = packing.words_per_row(k // group_size * num_codebooks, nbits)
+    return out * words * 32 + num_codebooks * 2 ** nbits * group_size * 16 + out * 16
+
+
 def kernel_group_permutation(shape: tuple[int, ...]) -> np.ndarray:
     """Column permutation for kernel-aware grouping of an HWIO conv kernel.
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxquant.errors import ConfigError
 from jaxquant.quant.activation import ActQuant, mse_range, percentile_range, range_to_scale_zero
-from jaxquant.quant.rules import Rule, _split_name, apply_plan, default_rules, layer_kernels, resolve
+from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, apply_plan, default_rules, layer_kernels, resolve
 from jaxquant.quant.uniform import WeightQuantConfig, quantize_weight
 
 
@@ -85,17 +85,38 @@ def quantize_uniform(
       acts: activation settings; ``None`` or ``bits=None`` keeps activations float.
       rules: (regex → WeightQuantConfig | None) rules; default: first/last layer float.
     """
-    from jaxquant.models.introspect import conv_layers
-
     rules = list(rules) if rules is not None else default_rules(weights)
     kernels = layer_kernels(model.params)
     plan = resolve(kernels, rules)
     bar = (lambda it: tqdm(it, desc="quantize weights", unit="layer")) if progress else None
     params = apply_plan(model.params, plan, lambda name, k, c: quantize_weight(k, c), progress=bar)
+    return attach_act_quantizers(model, calib, params, plan, acts)
+
+
+def attach_act_quantizers(model, calib, params: dict, plan: dict[str, Any], acts: ActQuantConfig | None) -> dict:
+    """Add activation quantizers to a weight-quantized parameter tree.
+
+    Every layer whose ``plan`` entry is not ``None`` (a quantized layer) gets an
+    ``input_quant`` beside its kernel, with ranges per timestep group from ``calib``
+    (split ranges for concatenated inputs when ``acts.split``). With
+    ``acts.attention_matmuls`` the q, k, v and softmax operands of an attention whose
+    projections are all quantized get ``{q,k,v,probs}_quant`` (softmax at
+    ``max(bits, softmax_bits)``). Shared by every whole-model quantizer (uniform, AQ).
+
+    Args:
+      model: the :class:`jaxquant.Model` the tree belongs to (conv geometry, split inputs).
+      calib: a :class:`jaxquant.calib.Calibration` of the float model.
+      params: the parameter tree (not modified; a copy is returned).
+      plan: ``{layer name: config or None}`` for every weight layer.
+      acts: activation settings; ``None`` or ``bits=None`` returns ``params`` unchanged.
+    """
+    from jaxquant.models.introspect import conv_layers
+
     if acts is None or acts.bits is None:
         return params
     if calib is None:
         raise ConfigError("activation quantization needs a calibration (jaxquant calibrate)")
+    params = _copy_dicts(params)
     splits = {n: c.input_split for n, c in conv_layers(model).items()} if acts.split else {}
 
     def node_of(name):

@@ -23,8 +23,10 @@ naming a type or a version this jaxquant does not know raises
 :class:`~jaxquant.errors.CheckpointError` saying so, never a wrong model.
 
 Registered here: ``"uniform"`` v1 (:class:`~jaxquant.quant.uniform.UniformWeight`) and
-``"act"`` v1 (:class:`~jaxquant.quant.activation.ActQuant`, which adds parameters such
-as ``<layer>.input_quant`` rather than replacing one). A new container type registers
+``"act"`` v2 (:class:`~jaxquant.quant.activation.ActQuant`, which adds parameters such
+as ``<layer>.input_quant`` rather than replacing one; v2 allows a tuple of per-group
+``bits``, and quantizers with one bit width are still written as v1 so that older
+jaxquant versions keep reading them). A new container type registers
 itself in its own module and adds that module to :data:`CONTAINER_MODULES`, so loading
 a file that names it imports it.
 """
@@ -68,6 +70,9 @@ class ContainerType:
       replaces_weight: ``True`` when the container stands in for a float parameter of the
         architecture (a quantized kernel, compared by its ``shape`` field); ``False`` for
         containers that add parameters of their own (an activation quantizer).
+      version_of: ``fn(container) -> int``, the version written for one instance (the
+        oldest version that can represent it, so older readers keep reading what they
+        can); ``None``: always ``version``.
     """
 
     cls: type
@@ -76,6 +81,7 @@ class ContainerType:
     upgrade: Upgrade | None = None
     validate: Validate | None = None
     replaces_weight: bool = True
+    version_of: Callable[[Any], int] | None = None
 
     @property
     def array_fields(self) -> tuple[str, ...]:
@@ -98,6 +104,7 @@ def register_container(
     upgrade: Upgrade | None = None,
     validate: Validate | None = None,
     replaces_weight: bool = True,
+    version_of: Callable[[Any], int] | None = None,
 ) -> ContainerType:
     """Register a weight/quantizer container class for saving and loading.
 
@@ -108,6 +115,7 @@ def register_container(
       upgrade: reads older versions, see :class:`ContainerType`.
       validate: checks a rebuilt container, see :class:`ContainerType`.
       replaces_weight: see :class:`ContainerType`; such a class needs a ``shape`` field.
+      version_of: see :class:`ContainerType`.
 
     Returns:
       The registry entry. Registering the same class under the same name again replaces
@@ -123,7 +131,7 @@ def register_container(
     other = _BY_CLASS.get(cls)
     if other is not None and other.name != name:
         raise ValueError(f"{cls.__qualname__} is already registered as {other.name!r}")
-    entry = ContainerType(cls, name, version, upgrade, validate, replaces_weight)
+    entry = ContainerType(cls, name, version, upgrade, validate, replaces_weight, version_of)
     if replaces_weight and "shape" not in entry.static_fields:
         raise ValueError(f"{cls.__qualname__} replaces a weight, so it needs a static 'shape' field "
                          "(the float weight's shape, checked against the architecture)")
@@ -231,7 +239,8 @@ def to_storable(params: Any) -> tuple[dict, dict]:
                 raise CheckpointError(f"two parameters share the dotted name {name!r}; cannot store the tree")
             arrays = {f: np.asarray(getattr(node, f)) for f in entry.array_fields if getattr(node, f) is not None}
             static = {f: _to_json(getattr(node, f), f"static field {f!r} of {name}") for f in entry.static_fields}
-            layers[name] = {"type": entry.name, "version": entry.version, "arrays": sorted(arrays), "static": static}
+            version = entry.version_of(node) if entry.version_of is not None else entry.version
+            layers[name] = {"type": entry.name, "version": version, "arrays": sorted(arrays), "static": static}
             return arrays
         if not _is_array(node):
             from jaxquant.quant import dispatch
@@ -380,6 +389,20 @@ def _validate_act(a: Any) -> None:
     if len(shape) != 2 or tuple(np.shape(a.zero)) != shape or shape[1] != (2 if a.split else 1):
         raise ValueError(f"scale {shape} and zero {tuple(np.shape(a.zero))} should both be "
                          f"[groups, {2 if a.split else 1}]")
+    bits = a.bits if isinstance(a.bits, tuple) else (a.bits,)
+    if isinstance(a.bits, tuple) and len(bits) != shape[0]:
+        raise ValueError(f"{len(bits)} per-group bit widths for {shape[0]} timestep groups")
+    if not all(isinstance(b, int) and 1 <= b <= 16 for b in bits):
+        raise ValueError(f"bits {a.bits!r} should be 1..16")
+
+
+def _act_version(a: Any) -> int:
+    """v1 holds one bit width; per-group bit widths (a tuple) need v2."""
+    return 2 if isinstance(a.bits, tuple) else 1
+
+
+def _upgrade_act(version: int, arrays: dict, static: dict) -> tuple[dict, dict]:
+    return arrays, static  # v1 is v2 with a single bit width
 
 
 def _register_builtin() -> None:
@@ -391,7 +414,8 @@ def _register_builtin() -> None:
     register_container(AQWeight, "aq", 1, validate=validate_aq)
     if ActQuant not in _BY_CLASS:  # unless its module registered it itself
         # Activation quantizers add parameters (``<layer>.input_quant``, ``<attn>.q_quant``…).
-        register_container(ActQuant, "act", 1, validate=_validate_act, replaces_weight=False)
+        register_container(ActQuant, "act", 2, upgrade=_upgrade_act, validate=_validate_act,
+                           replaces_weight=False, version_of=_act_version)
 
 
 _register_builtin()

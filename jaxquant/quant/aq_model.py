@@ -1,0 +1,870 @@
+"""Additive quantization of a whole diffusion UNet (AQUATIC-Diff's W4A8 / W2A8 flow).
+
+Three stages, each a function of its own:
+
+1. **Plan** (:func:`plan_aq_configs`): an AQ configuration ``M×B g`` (``M`` codebooks of
+   ``2**B`` entries, groups of ``g`` weights) per layer so that the *stored* bits of all
+   AQ layers — codes, float16 codebooks and float16 scales, exactly as
+   :func:`~jaxquant.quant.accounting.storage_report` counts them — average at most
+   ``target_bits`` per weight they replace. A codebook costs ``M·2**B·g·16`` bits
+   whatever the layer's size, so small layers cannot afford the configurations big ones
+   use; the planner trades bits between layers (see *The planning rule* below).
+   :func:`preset_plan` instead gives every layer the paper's configuration (``"W2"``:
+   2×8, ``"W4"``: 4×8; ``g = 9``, one 3×3 kernel per vector, for 3×3 convolutions and
+   ``g = 8`` otherwise), which averages 1.95 / 3.88 bits on LDM-4 ImageNet
+   (``benchmarks/aq_bits_cin256.py``).
+
+2. **Quantize** (:func:`quantize_aq`): every planned layer by
+   :func:`~jaxquant.quant.additive.quantize_kernel` on its calibration ``XᵀX``, outside
+   the blocks first (time/class embeddings), then block by block (below). Each finished
+   layer (and each fine-tuned block) is written to a progress directory at once, so a
+   killed run resumes where it stopped and gives the same parameters as an
+   uninterrupted one.
+
+3. **Block fine-tuning** (:func:`finetune_block`, ``finetune_steps > 0``): after all layers
+   of a block are quantized, Adam tunes the block's codebooks, scales and remaining float
+   parameters (norms, biases, float kernels) — codes frozen — so that the block's outputs
+   match the float block's outputs on the calibration inputs ``(x_t, t, y)``. *Blocks*
+   are the UNet's top-level stages: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``
+   (diffusers) and ``input_blocks.i``, ``middle_block``, ``output_blocks.i`` (CompVis).
+   A block's *outputs* are the outputs of its top-level sub-modules (each resnet,
+   attention, down/up-sampler: the hidden states it hands on, skip connections
+   included); the error is ``mean_over_outputs ‖out_q - out_f‖² / ‖out_f‖²``. The block is
+   run *inside the whole network*: its inputs (hidden state, skip connections, time
+   embedding, cross-attention context) are produced by the network with the earlier
+   blocks already quantized (as AQLM propagates quantized inputs), the target is the
+   float block on those same inputs, and everything after the block is dead code that
+   XLA does not compute. Codebooks and scales are tuned in float32 and stored back as
+   float16; the tuned block is kept only if its error on a fixed evaluation subset of
+   the calibration pairs is lower than before. PV-tuning's code updates are not
+   implemented.
+
+Activations (``acts``) are quantized afterwards, with ranges from the float model's
+calibration, by the same :func:`~jaxquant.quant.quantize.attach_act_quantizers` the
+uniform quantizer uses. The first and last layers stay float by default
+(:func:`~jaxquant.quant.rules.default_rules`).
+
+**The planning rule.** A configuration's quality is scored by a distortion proxy, in dB
+of the relative objective ``tr(ΔW XᵀX ΔWᵀ) / tr(W XᵀX Wᵀ)``::
+
+    proxy_dB = -(4.7·r + 0.29·B + 0.83·c)
+
+with ``r = M·B/g`` code bits per weight and ``c = 16·M·2**B·g / N`` codebook bits per
+weight of the layer (``N`` weights). It is a least-squares fit (largest residual 0.93 dB)
+to what :func:`~jaxquant.quant.additive.quantize_matrix` (beam 4, 4 rounds) reaches on a
+256×576 Gaussian weight with a correlated ``XᵀX``, for 17 configurations::
+
+    r = 2: 1x4 g2 -16.2  2x4 g4 -15.7  3x4 g6 -15.4  4x4 g8 -15.2  8x4 g16 -15.0
+           2x6 g6 -16.1  1x8 g4 -16.8  2x8 g8 -16.9  3x8 g12 -17.8  4x8 g16 -18.8
+           6x8 g24 -21.0  8x8 g32 -22.1 dB
+    r = 1.5: 1x6 g4 -14.0;   r = 1: 1x4 g4 -11.4  2x4 g8 -11.1  1x8 g8 -11.7  2x8 g16 -12.4 dB
+
+A code bit per weight is worth about 4.7 dB, a bit of codebook per weight 0.83 dB (large
+codebooks help by fitting the layer, at a price the budget counts), and at equal rate
+codes of more bits (larger codebooks, fewer of them) are better by 0.29 dB per bit: 8-bit
+codes where the bits permit. Weights without structure cannot show an advantage of
+kernel-aligned groups; the paper's configurations are :func:`preset_plan`. A layer's cost
+is ``N · 10^(proxy_dB/10)`` (all weights count alike). The planner minimises ``Σ N·d``
+subject to the bit budget by the equal-slope (Lagrangian) rule: starting from each
+layer's cheapest configuration it takes the upgrades on the layers' lower convex hulls in
+order of distortion saved per bit, while they fit, then spends what is left on any
+upgrade that still fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+import zlib
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxquant import xla
+from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.quant import serialize
+from jaxquant.quant.additive import aq_bits_per_weight, aq_stored_bits, quantize_kernel
+from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, default_rules, layer_kernels, resolve
+
+#: ``M`` (codebooks of 2**8 entries) of AQUATIC-Diff's configurations.
+PRESETS: dict[str, int] = {"W2": 2, "W4": 4}
+
+#: Coefficients of the planning proxy: dB per code bit per weight, per bit of ``B``, per
+#: codebook bit per weight (see the module docstring).
+PROXY_DB_PER_CODE_BIT, PROXY_DB_PER_NBIT, PROXY_DB_PER_CODEBOOK_BIT = 4.7, 0.29, 0.83
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class AQConfig:
+    """AQ configuration of one layer: ``M`` codebooks of ``2**B`` codewords of ``g`` weights.
+
+    Kernel-aware grouping follows from the shape (:func:`~jaxquant.quant.additive.quantize_kernel`:
+    on for a ``kh×kw`` convolution when ``g`` is a multiple of ``kh·kw``).
+    """
+
+    num_codebooks: int
+    nbits: int
+    group_size: int
+
+    def describe(self) -> str:
+        return f"{self.num_codebooks}x{self.nbits} g{self.group_size}"
+
+    @property
+    def code_bits(self) -> float:
+        """Code bits per weight ``M·B/g`` (without codebooks and scales)."""
+        return self.num_codebooks * self.nbits / self.group_size
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether ``g`` divides the weights per output channel of a kernel of ``shape``."""
+        return int(np.prod(shape[:-1])) % self.group_size == 0
+
+    def stored_bits(self, shape: tuple[int, ...]) -> int:
+        """Exact stored bits of a kernel of ``shape`` in this configuration."""
+        return aq_stored_bits(shape, self.num_codebooks, self.nbits, self.group_size)
+
+    @classmethod
+    def parse(cls, text: str) -> "AQConfig":
+        """``"2x8 g9"`` → ``AQConfig(2, 8, 9)``."""
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*g\s*(\d+)\s*", text)
+        if m is None:
+            raise ConfigError(f"AQ config {text!r}: expected 'MxB gG', e.g. '2x8 g9'")
+        return cls(*(int(v) for v in m.groups()))
+
+
+def _shape(kernel: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in (kernel.shape if hasattr(kernel, "shape") else kernel))
+
+
+def _kernel_taps(shape: tuple[int, ...]) -> int:
+    """``kh·kw`` of a conv kernel with a spatial window, else 1."""
+    return shape[0] * shape[1] if len(shape) == 4 else 1
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def preset_config(shape: tuple[int, ...], preset: str) -> AQConfig:
+    """AQUATIC-Diff's configuration of a layer: ``M×8`` with ``M`` from :data:`PRESETS`,
+    ``g = kh·kw`` (kernel-aware grouping) for convolutions with a spatial window, else ``g = 8``."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown AQ preset {preset!r} (available: {', '.join(PRESETS)})")
+    shape = _shape(shape)
+    taps = _kernel_taps(shape)
+    cfg = AQConfig(PRESETS[preset], 8, taps if taps > 1 else 8)
+    if not cfg.fits(shape):
+        raise ConfigError(f"preset {preset} ({cfg.describe()}) does not fit a kernel of shape {shape}: "
+                          f"{int(np.prod(shape[:-1]))} weights per output channel are not a multiple of "
+                          f"{cfg.group_size}; keep the layer float with a rule")
+    return cfg
+
+
+def preset_plan(kernels: dict[str, Any], preset: str) -> dict[str, AQConfig]:
+    """:func:`preset_config` for every layer of ``{name: kernel or shape}``."""
+    return {n: preset_config(_shape(k), preset) for n, k in kernels.items()}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def default_candidates(shape: tuple[int, ...]) -> list[AQConfig]:
+    """The configurations :func:`plan_aq_configs` chooses from by default.
+
+    ``M`` 1..8 codebooks of ``2**B``, ``B`` 2..8 (one byte per code at most), and
+    ``g`` ∈ {4, 8, 16}, plus ``kh·kw`` and ``2·kh·kw`` for convolutions with a spatial
+    window (kernel-aware grouping); only ``g`` dividing the weights per output channel.
+    """
+    shape = _shape(shape)
+    taps = _kernel_taps(shape)
+    groups = {4, 8, 16} | ({taps, 2 * taps} if taps > 1 else set())
+    return [AQConfig(m, b, g) for m in range(1, 9) for b in range(2, 9) for g in sorted(groups)
+            if AQConfig(m, b, g).fits(shape)]
+
+
+def proxy_distortion(cfg: AQConfig, shape: tuple[int, ...]) -> float:
+    """The planning proxy per weight of a layer of ``shape``, ``10^(proxy_dB/10)``
+    (see the module docstring)."""
+    n = int(np.prod(shape))
+    codebook_bits = 16.0 * cfg.num_codebooks * 2 ** cfg.nbits * cfg.group_size / n
+    db = -(PROXY_DB_PER_CODE_BIT * cfg.code_bits + PROXY_DB_PER_NBIT * cfg.nbits
+           + PROXY_DB_PER_CODEBOOK_BIT * codebook_bits)
+    return 10.0 ** (db / 10.0)
+
+
+def _pareto_points(shape: tuple[int, ...], cands: Iterable[AQConfig]) -> list[tuple[int, float, AQConfig]]:
+    """``(bits, N·d, config)`` sorted by bits, keeping only those that lower the distortion.
+    Ties (same bits and distortion) go to larger ``B``, larger ``g``, fewer ``M``."""
+    n = int(np.prod(shape))
+    pts = sorted({(c.stored_bits(shape), n * proxy_distortion(c, shape), c) for c in cands},
+                 key=lambda p: (p[0], p[1], -p[2].nbits, -p[2].group_size, p[2].num_codebooks))
+    out: list[tuple[int, float, AQConfig]] = []
+    for p in pts:
+        if not out or p[1] < out[-1][1]:
+            out.append(p)
+    return out
+
+
+def _lower_hull(points: list[tuple[int, float, AQConfig]]) -> list[tuple[int, float, AQConfig]]:
+    """Lower convex hull of Pareto points (bits increasing, distortion decreasing)."""
+    hull: list[tuple[int, float, AQConfig]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (b0, d0, _), (b1, d1, _) = hull[-2], hull[-1]
+            if (b1 - b0) * (p[1] - d0) - (d1 - d0) * (p[0] - b0) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def plan_aq_configs(
+    kernels: dict[str, Any],
+    target_bits: float,
+    candidates: Sequence[AQConfig] | Callable[[tuple[int, ...]], Sequence[AQConfig]] | None = None,
+    *,
+    fixed: dict[str, AQConfig] | None = None,
+) -> dict[str, AQConfig]:
+    """Choose an AQ configuration per layer under an average bit budget.
+
+    Args:
+      kernels: ``{layer name: kernel or kernel shape}`` of the layers to quantize.
+      target_bits: the most stored bits (codes + codebooks + scales) per weight, on average
+        over all these layers (``fixed`` ones included).
+      candidates: the configurations to choose from: a list (each layer uses those whose
+        ``g`` divides its weights per output channel), a function ``shape -> list``, or
+        ``None`` for :func:`default_candidates`.
+      fixed: layers whose configuration is given; their bits count against the budget.
+
+    Returns:
+      ``{layer name: AQConfig}`` for every layer, in the order of ``kernels``; see the
+      module docstring for the rule.
+
+    Raises:
+      ConfigError: a layer has no usable candidate, or even the cheapest choice of every
+        layer exceeds the budget (the message gives the smallest achievable average).
+    """
+    shapes = {n: _shape(k) for n, k in kernels.items()}
+    fixed = dict(fixed or {})
+    for n, c in fixed.items():
+        if n not in shapes:
+            raise ConfigError(f"fixed AQ config for {n!r}, which is not among the layers to plan")
+        if not c.fits(shapes[n]):
+            raise ConfigError(f"AQ config {c.describe()} does not fit layer {n} of shape {shapes[n]}")
+    total_weights = sum(int(np.prod(s)) for s in shapes.values())
+    budget = float(target_bits) * total_weights - sum(c.stored_bits(shapes[n]) for n, c in fixed.items())
+
+    points, hulls = {}, {}
+    for n, s in shapes.items():
+        if n in fixed:
+            continue
+        if candidates is None:
+            cands = default_candidates(s)
+        elif callable(candidates):
+            cands = list(candidates(s))
+        else:
+            cands = [c for c in candidates if c.fits(s)]
+        if not cands:
+            raise ConfigError(f"no AQ candidate configuration fits layer {n} (shape {s}, "
+                              f"{int(np.prod(s[:-1]))} weights per output channel); keep it float with a rule")
+        points[n] = _pareto_points(s, cands)
+        hulls[n] = _lower_hull(points[n])
+
+    choice = {n: h[0] for n, h in hulls.items()}
+    used = sum(p[0] for p in choice.values())
+    if used > budget:
+        cheapest = (used + sum(c.stored_bits(shapes[n]) for n, c in fixed.items())) / max(total_weights, 1)
+        raise ConfigError(f"AQ bit budget {target_bits:g} bits/weight is infeasible for these layers: the cheapest "
+                          f"configurations already need {cheapest:.3f} bits/weight (codebooks and scales cost "
+                          "bits whatever the layer size); raise the target or keep small layers float")
+
+    # Equal-slope greedy along each layer's lower convex hull.
+    import heapq
+
+    def push(heap, n, i):
+        h = hulls[n]
+        if i + 1 < len(h):
+            slope = (h[i + 1][1] - h[i][1]) / (h[i + 1][0] - h[i][0])  # distortion per bit, < 0
+            heapq.heappush(heap, (slope, n, i))
+
+    pos = {n: 0 for n in hulls}
+    heap: list = []
+    for n in hulls:
+        push(heap, n, 0)
+    while heap:
+        _, n, i = heapq.heappop(heap)
+        step = hulls[n][i + 1][0] - hulls[n][i][0]
+        if used + step <= budget:
+            used += step
+            pos[n] = i + 1
+            choice[n] = hulls[n][i + 1]
+            push(heap, n, i + 1)
+    # Spend what is left on the single upgrade that saves most distortion, while one fits.
+    for _ in range(4 * len(points) + 1):
+        best = None
+        for n, pts in points.items():
+            cb, cd, _ = choice[n]
+            for p in pts:
+                if p[1] < cd and used + p[0] - cb <= budget:
+                    gain = cd - p[1]
+                    if best is None or gain > best[0]:
+                        best = (gain, n, p)
+        if best is None:
+            break
+        _, n, p = best
+        used += p[0] - choice[n][0]
+        choice[n] = p
+    return {n: fixed[n] if n in fixed else choice[n][2] for n in shapes}
+
+
+def plan_bits(kernels: dict[str, Any], plan: dict[str, AQConfig], ideal: bool = False) -> float:
+    """Average stored bits per weight of ``plan`` over its layers (``ideal``: AQLM's formula,
+    codes not rounded to words)."""
+    bits = weights = 0.0
+    for n, c in plan.items():
+        s = _shape(kernels[n])
+        n_w = int(np.prod(s))
+        weights += n_w
+        bits += (aq_bits_per_weight(s[-1], n_w // s[-1], c.num_codebooks, c.nbits, c.group_size) * n_w if ideal
+                 else c.stored_bits(s))
+    return bits / max(weights, 1)
+
+
+def plan_table(kernels: dict[str, Any], plan: dict[str, AQConfig]) -> str:
+    """The chosen configuration per layer as a text table, with the average."""
+    w = max([len(n) for n in plan] + [5])
+    lines = [f"{'layer':<{w}}  {'shape':<18} {'weights':>10} {'config':<10} {'code b/w':>8} {'bits/w':>7}"]
+    for n, c in plan.items():
+        s = _shape(kernels[n])
+        n_w = int(np.prod(s))
+        lines.append(f"{n:<{w}}  {str(s):<18} {n_w:>10d} {c.describe():<10} {c.code_bits:>8.3f} "
+                     f"{c.stored_bits(s) / n_w:>7.3f}")
+    lines.append(f"{'average':<{w}}  {'':<18} {sum(int(np.prod(_shape(kernels[n]))) for n in plan):>10d} "
+                 f"{'':<10} {'':>8} {plan_bits(kernels, plan):>7.3f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- blocks
+
+_BLOCK_RE = re.compile(r"^((?:[A-Za-z_]\w*\.)*?)((?:down_blocks|up_blocks|input_blocks|output_blocks)\.\d+"
+                       r"|mid_block|middle_block)(?:\.|$)")
+_STAGE = {"down_blocks": 0, "input_blocks": 0, "mid_block": 1, "middle_block": 1, "up_blocks": 2, "output_blocks": 2}
+
+
+def block_of(name: str) -> str | None:
+    """The top-level UNet block a layer or module belongs to (``"down_blocks.1"``,
+    ``"unet.middle_block"``), or ``None`` outside the blocks (embeddings, first/last layers)."""
+    m = _BLOCK_RE.match(name)
+    if m is None:
+        return None
+    block = m.group(1) + m.group(2)
+    if block.endswith("input_blocks.0"):  # CompVis' first conv, not a block
+        return None
+    return block
+
+
+def _block_order(block: str) -> tuple:
+    tail = block.split(".")
+    if tail[-1].isdigit():
+        return (_STAGE[tail[-2]], int(tail[-1]), block)
+    return (_STAGE[tail[-1]], 0, block)
+
+
+def block_units(params: dict, block: str) -> list[tuple[str, ...]]:
+    """Parameter paths of a block's top-level sub-modules (its resnets, attentions,
+    samplers), in tree order; module scopes have the same paths."""
+    units: list[tuple[str, ...]] = []
+
+    def visit(node: dict, path: tuple[str, ...]) -> None:
+        for k, v in node.items():
+            dotted = ".".join(path + (k,))
+            if dotted.startswith(block + "."):
+                units.append(path + (k,))
+            elif block.startswith(dotted + ".") and isinstance(v, dict):
+                visit(v, path + (k,))
+
+    visit(params, ())
+    if not units:
+        raise ConfigError(f"block {block!r} not found in the parameter tree")
+    return units
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set_paths(tree: dict, values: dict[tuple[str, ...], Any]) -> dict:
+    """Copy of ``tree`` (dicts along the paths only) with ``values`` set at their paths."""
+    def put(node, path, value):
+        node = dict(node)
+        node[path[0]] = value if len(path) == 1 else put(node[path[0]], path[1:], value)
+        return node
+
+    for path, v in values.items():
+        tree = put(tree, path, v)
+    return tree
+
+
+def _set_layer(params: dict, name: str, weight: Any) -> None:
+    node = params
+    for p in _split_name(params, name):
+        node = node[p]
+    node["kernel"] = weight
+
+
+# --------------------------------------------------------------------------- block fine-tuning
+
+
+def _calibration_pairs(model, calib) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """All calibration model inputs ``(x_t, t, y)`` flattened over steps and samples. With
+    classifier-free guidance the model also saw the unconditional label: both are included."""
+    s, n = calib.inputs.shape[:2]
+    x = np.asarray(calib.inputs, np.float32).reshape(s * n, *calib.inputs.shape[2:])
+    t = np.repeat(np.asarray(calib.timesteps, np.int32), n)
+    y = None
+    if model.is_class_conditional:
+        if calib.labels is None:
+            raise ConfigError("the calibration of a class-conditional model has no labels")
+        y = np.tile(np.asarray(calib.labels, np.int32), s)
+        null = getattr(model.network_config, "unconditional_label", None)
+        if calib.config.cfg_scale != 1.0 and null is not None:
+            x, t, y = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([np.full_like(y, null), y])
+    return x, t, y
+
+
+def _unit_outputs(module, units: tuple, params: dict, x, t, y) -> list:
+    """Outputs of the modules at ``units`` in a forward pass (the network after them is
+    dead code, which XLA drops)."""
+    wanted = set(units)
+
+    def select(mdl, method_name):
+        return method_name == "__call__" and tuple(mdl.scope.path) in wanted
+
+    _, state = module.apply({"params": params}, x, t, y, capture_intermediates=select, mutable=["intermediates"])
+    return jax.tree_util.tree_leaves(state["intermediates"])
+
+
+def _relative_errors(q: list, f: list) -> tuple[jax.Array, jax.Array]:
+    num = jnp.stack([jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32))) for a, b in zip(q, f)])
+    den = jnp.stack([jnp.sum(jnp.square(b.astype(jnp.float32))) for b in f])
+    return num, den
+
+
+# Module-level jitted functions with the (hashable) Flax module and unit paths static, so
+# repeated runs (and resumed runs) reuse the compiled code.
+@partial(xla.jit, static_argnames=("module", "units"))
+def _unit_errors(module, units, params, ref_params, x, t, y):
+    return _relative_errors(_unit_outputs(module, units, params, x, t, y),
+                            _unit_outputs(module, units, ref_params, x, t, y))
+
+
+def _assemble(units: tuple, treedef, train_idx: tuple, leaves: list, theta: list, base: dict) -> dict:
+    ls = list(leaves)
+    for i, v in zip(train_idx, theta):
+        ls[i] = v
+    return _set_paths(base, dict(zip(units, jax.tree_util.tree_unflatten(treedef, ls))))
+
+
+@partial(xla.jit, static_argnames=("module", "units", "treedef", "train_idx", "lr"))
+def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leaves, base, ref, x, t, y):
+    import optax
+
+    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y))
+
+    def loss_fn(th):
+        q = _unit_outputs(module, units, _assemble(units, treedef, train_idx, leaves, th, base), x, t, y)
+        num, den = _relative_errors(q, target)
+        return jnp.mean(num / jnp.maximum(den, 1e-30))
+
+    loss, grads = jax.value_and_grad(loss_fn)(theta)
+    updates, opt_state = optax.adam(lr).update(grads, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, loss
+
+
+def _batches(x, t, y, idx: np.ndarray, size: int):
+    for i in range(0, len(idx), size):
+        j = idx[i:i + size]
+        yield jnp.asarray(x[j]), jnp.asarray(t[j]), None if y is None else jnp.asarray(y[j])
+
+
+def _eval_indices(total: int, num: int | None, seed: int) -> np.ndarray:
+    perm = np.random.default_rng(seed).permutation(total)
+    return np.sort(perm[: total if num is None else min(num, total)])
+
+
+def _block_error(model, units: tuple, params: dict, ref_params: dict, pairs, idx: np.ndarray,
+                 batch_size: int) -> float:
+    x, t, y = pairs
+    num = den = 0.0
+    for xb, tb, yb in _batches(x, t, y, idx, batch_size):
+        a, b = _unit_errors(model.module, units, params, ref_params, xb, tb, yb)
+        num, den = num + np.asarray(a, np.float64), den + np.asarray(b, np.float64)
+    return float(np.mean(num / np.maximum(den, 1e-30)))
+
+
+def block_output_error(model, params: dict, float_params: dict, block: str, calib, *,
+                       num_pairs: int | None = 32, batch_size: int = 8, seed: int = 0) -> float:
+    """``mean_over_outputs ‖out_q - out_f‖² / ‖out_f‖²`` of a block (module docstring).
+
+    ``params``' block against ``float_params``' block, both run on the inputs the network
+    ``params`` feeds the block, over ``num_pairs`` calibration pairs (``None``: all) drawn
+    with ``seed``.
+    """
+    pairs = _calibration_pairs(model, calib)
+    units = tuple(block_units(params, block))
+    ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
+    return _block_error(model, units, params, ref_params, pairs, _eval_indices(len(pairs[0]), num_pairs, seed),
+                        batch_size)
+
+
+def _seed_of(key: jax.Array, salt: str) -> int:
+    k = jax.random.fold_in(key, zlib.crc32(salt.encode()) & 0x7FFFFFFF)
+    return int(jax.random.randint(k, (), 0, 2**31 - 1))
+
+
+def finetune_block(
+    model,
+    params: dict,
+    float_params: dict,
+    block: str,
+    calib,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    eval_pairs: int = 32,
+    key: Any = 0,
+) -> tuple[dict, dict]:
+    """Tune a quantized block to reproduce the float block's outputs (codes frozen).
+
+    The trainable parameters are every floating-point array under the block's modules
+    in ``params``: AQ codebooks and scales, uniform scales, norms, biases, float kernels;
+    integer arrays (codes) stay fixed. Adam (learning rate ``lr``) runs ``steps`` steps on
+    minibatches of ``batch_size`` calibration pairs, minimising the relative output error
+    of :func:`block_output_error` against ``float_params``' block on the inputs the
+    network ``params`` (earlier blocks quantized) feeds it. The tuned arrays are cast
+    back to their stored dtypes and kept only if the error on a fixed subset of
+    ``eval_pairs`` pairs falls.
+
+    Returns:
+      ``(params, record)``; ``record`` holds ``block``, ``steps``, ``error_before``,
+      ``error_after`` (of the returned params), ``kept`` and ``seconds``.
+    """
+    import optax
+
+    t0 = time.perf_counter()
+    key = _as_key(key)
+    pairs = _calibration_pairs(model, calib)
+    n_pairs = len(pairs[0])
+    units = tuple(block_units(params, block))
+    ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
+    leaves, treedef = jax.tree_util.tree_flatten([_get(params, u) for u in units])
+    leaves = [jnp.asarray(a) for a in leaves]
+    train_idx = tuple(i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating))
+    seed = _seed_of(key, "finetune:" + block)
+    eval_idx = _eval_indices(n_pairs, eval_pairs, seed)
+
+    before = _block_error(model, units, params, ref_params, pairs, eval_idx, batch_size)
+    theta = [leaves[i].astype(jnp.float32) for i in train_idx]
+    opt_state = optax.adam(lr).init(theta)
+    rng = np.random.default_rng(seed + 1)
+    x, t, y = pairs
+    bs = min(batch_size, n_pairs)
+    for _ in range(steps):
+        j = np.sort(rng.choice(n_pairs, bs, replace=False))
+        theta, opt_state, _ = _finetune_step(model.module, units, treedef, train_idx, float(lr), theta, opt_state,
+                                             leaves, params, ref_params, jnp.asarray(x[j]), jnp.asarray(t[j]),
+                                             None if y is None else jnp.asarray(y[j]))
+    stored = [v.astype(leaves[i].dtype) for i, v in zip(train_idx, theta)]
+    tuned = _assemble(units, treedef, train_idx, leaves, stored, params)
+    after = _block_error(model, units, tuned, ref_params, pairs, eval_idx, batch_size) if steps > 0 else before
+    kept = after < before
+    rec = {"block": block, "steps": int(steps), "error_before": before, "error_after": after if kept else before,
+           "kept": bool(kept), "seconds": round(time.perf_counter() - t0, 3)}
+    return (tuned if kept else params), rec
+
+
+# --------------------------------------------------------------------------- progress store
+
+PROGRESS_FORMAT = "jaxquant-aq-progress"
+PROGRESS_VERSION = 1
+
+
+def _save_npz(path: Path, tree: dict, record: dict) -> None:
+    """Write a (possibly quantized) tree and a JSON record atomically as one ``.npz``."""
+    plain, manifest = serialize.to_storable(tree)
+    flat: dict[str, np.ndarray] = {}
+
+    def visit(node, prefix):
+        for k, v in node.items():
+            if "/" in k:
+                raise CheckpointError(f"parameter name {k!r} contains '/'; cannot store it in a progress file")
+            if isinstance(v, dict):
+                visit(v, prefix + (k,))
+            else:
+                flat["/".join(prefix + (k,))] = np.asarray(v)
+
+    visit(plain, ())
+    flat["__manifest__"] = np.asarray(json.dumps(manifest))
+    flat["__record__"] = np.asarray(json.dumps(record))
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def _load_npz(path: Path) -> tuple[dict, dict]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"progress file '{path}' is unreadable ({e}); delete it to redo that step") from None
+    manifest = json.loads(str(data.pop("__manifest__")))
+    record = json.loads(str(data.pop("__record__")))
+    plain: dict = {}
+    for k, v in data.items():
+        node = plain
+        *head, leaf = k.split("/")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[leaf] = v
+    return serialize.from_storable(plain, manifest), record
+
+
+class _Progress:
+    """One ``.npz`` per finished layer / fine-tuned block under ``root``, and ``progress.json``
+    with the run's settings (a rerun with other settings is refused)."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: dict):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = self.root / "progress.json"
+        want = {"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "settings": fingerprint}
+        if meta.exists():
+            have = json.loads(meta.read_text())
+            if have.get("format") != PROGRESS_FORMAT or have.get("version") != PROGRESS_VERSION:
+                raise CheckpointError(f"'{self.root}' is not an AQ progress directory of this jaxquant version")
+            if have.get("settings") != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(have.get("settings", {}))
+                              if fingerprint.get(k) != have.get("settings", {}).get(k))
+                raise CheckpointError(f"'{self.root}' holds an AQ run with other settings ({', '.join(diff)} "
+                                      "differ); delete it or choose another progress directory")
+        else:
+            meta.write_text(json.dumps(want, indent=1) + "\n")
+
+    def _path(self, kind: str, name: str) -> Path:
+        return self.root / f"{kind}-{name}.npz"
+
+    def load(self, kind: str, name: str) -> tuple[dict, dict] | None:
+        p = self._path(kind, name)
+        return _load_npz(p) if p.exists() else None
+
+    def save(self, kind: str, name: str, tree: dict, record: dict) -> None:
+        _save_npz(self._path(kind, name), tree, record)
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+@dataclasses.dataclass
+class AQResult:
+    """Result of :func:`quantize_aq`.
+
+    Attributes:
+      params: the quantized parameter tree (AQ weights, tuned blocks, activation quantizers).
+      plan: ``{layer name: AQConfig}`` of the quantized layers.
+      layers: per layer ``{"name", "config", "bits_per_weight", "objective_init",
+        "objective", "seconds"}`` (objective: relative ``tr(ΔW XᵀX ΔWᵀ)``).
+      blocks: per fine-tuned block, the record of :func:`finetune_block`.
+    """
+
+    params: dict
+    plan: dict[str, AQConfig]
+    layers: list[dict]
+    blocks: list[dict]
+
+    def table(self) -> str:
+        """Per layer: configuration, stored bits/weight, objective after init → final."""
+        w = max([len(r["name"]) for r in self.layers] + [5])
+        lines = [f"{'layer':<{w}}  {'config':<10} {'bits/w':>7} {'obj init':>9} {'obj':>9} {'s':>7}"]
+        for r in self.layers:
+            lines.append(f"{r['name']:<{w}}  {r['config']:<10} {r['bits_per_weight']:>7.3f} "
+                         f"{r['objective_init']:>9.5f} {r['objective']:>9.5f} {r['seconds']:>7.1f}")
+        for b in self.blocks:
+            lines.append(f"fine-tuned {b['block']}: output error {b['error_before']:.5f} -> {b['error_after']:.5f} "
+                         f"({b['steps']} steps{'' if b['kept'] else ', not kept'}, {b['seconds']:.1f} s)")
+        return "\n".join(lines)
+
+
+def _as_key(key: Any) -> jax.Array:
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    return key
+
+
+def _key_json(key: jax.Array) -> list:
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return [int(v) for v in np.asarray(data).ravel()]
+
+
+def _params_digest(params: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def resolve_aq_rules(kernels: dict, rules: Sequence[Rule] | None) -> tuple[list[str], dict[str, AQConfig]]:
+    """``(layers to quantize, {layer: fixed AQConfig})`` under ``rules``: a rule's config is
+    ``None`` (float), an :class:`AQConfig` (fixed) or anything else (planned). Default
+    rules (``None``): first/last layer float, everything else planned."""
+    rules = list(rules) if rules is not None else default_rules("auto")
+    resolved = resolve(kernels, rules)
+    names = [n for n, c in resolved.items() if c is not None]
+    return names, {n: c for n, c in resolved.items() if isinstance(c, AQConfig)}
+
+
+def quantize_aq(
+    model,
+    calib,
+    target_bits: float | None = None,
+    acts: Any = None,
+    *,
+    plan: dict[str, AQConfig] | None = None,
+    candidates: Sequence[AQConfig] | Callable | None = None,
+    rules: Sequence[Rule] | None = None,
+    beam_size: int = 8,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
+    finetune_batch: int = 8,
+    progress_dir: str | os.PathLike | None = None,
+    key: Any = 0,
+    aq_options: dict | None = None,
+    progress: bool = True,
+) -> AQResult:
+    """Additively quantize a model's weights (and activations); see the module docstring.
+
+    Args:
+      model: a :class:`jaxquant.Model` with float parameters.
+      calib: its :class:`jaxquant.calib.Calibration` with ``XᵀX`` (``CalibConfig(xtx=True)``).
+      target_bits: average stored bits per quantized weight for :func:`plan_aq_configs`.
+      acts: an :class:`~jaxquant.quant.quantize.ActQuantConfig` (e.g. 8 bits), or ``None``
+        to keep activations float.
+      plan: ``{layer: AQConfig}`` to use instead of planning (e.g. :func:`preset_plan`);
+        exactly one of ``target_bits`` and ``plan``.
+      candidates: passed to :func:`plan_aq_configs`.
+      rules: (regex → config) rules over layer names: ``None`` keeps a layer float, an
+        :class:`AQConfig` fixes its configuration, anything else lets the planner choose.
+        Default: first/last layer float, everything else planned.
+      beam_size: beam width of the code search.
+      finetune_steps: Adam steps per block (0: no block fine-tuning); finetune_lr,
+        finetune_batch: its learning rate and calibration pairs per step.
+      progress_dir: directory for finished layers/blocks; rerunning with the same
+        settings resumes there (``None``: nothing is saved).
+      key: PRNG key or int seed; layer ``n`` uses ``fold_in(key, crc32(n))``.
+      aq_options: more keyword arguments of
+        :func:`~jaxquant.quant.additive.quantize_matrix` (``max_iters``, ``adam_steps``, …).
+      progress: show a progress bar with each layer's objective.
+
+    Raises:
+      ConfigError: both or neither of ``target_bits``/``plan``, an infeasible budget, a
+        calibration without ``XᵀX`` for a planned layer.
+      CheckpointError: ``progress_dir`` holds a run with other settings.
+    """
+    from jaxquant.quant.quantize import attach_act_quantizers
+
+    if (target_bits is None) == (plan is None):
+        raise ConfigError("quantize_aq needs exactly one of target_bits (plan by budget) and plan")
+    kernels = layer_kernels(model.params)
+    if plan is None:
+        names, fixed = resolve_aq_rules(kernels, rules)
+        plan = plan_aq_configs({n: kernels[n] for n in names}, target_bits, candidates, fixed=fixed)
+    else:
+        unknown = sorted(set(plan) - set(kernels))
+        if unknown:
+            raise ConfigError(f"plan names layer(s) not in the model: {', '.join(unknown[:5])}")
+        for n, c in plan.items():
+            if not c.fits(_shape(kernels[n])):
+                raise ConfigError(f"AQ config {c.describe()} does not fit layer {n} of shape {_shape(kernels[n])}")
+    if not getattr(calib, "xtx", None):
+        raise ConfigError("AQ needs XᵀX statistics: calibrate with CalibConfig(xtx=True)")
+    missing = [n for n in plan if n not in calib.xtx]
+    if missing:
+        raise ConfigError(f"the calibration has no XᵀX for layer(s) {', '.join(missing[:5])}: was it made with "
+                          "this model?")
+    aq_options = dict(aq_options or {})
+    key = _as_key(key)
+    store = None
+    if progress_dir is not None:
+        store = _Progress(progress_dir, {
+            "model": _params_digest(model.params), "plan": {n: c.describe() for n, c in plan.items()},
+            "beam_size": beam_size, "finetune": [finetune_steps, finetune_lr, finetune_batch] if finetune_steps else 0,
+            "key": _key_json(key), "aq_options": {k: repr(v) for k, v in sorted(aq_options.items())},
+            "calibration": {"inputs": list(np.shape(calib.inputs)), "timesteps": [int(v) for v in calib.timesteps],
+                            "config": repr(calib.config)}})
+
+    # Layers outside the blocks first (they feed every block), then block by block.
+    groups: dict[str | None, list[str]] = {None: []}
+    for n in sorted(plan, key=lambda n: (block_of(n) is not None, _block_order(block_of(n)) if block_of(n) else ())):
+        groups.setdefault(block_of(n), []).append(n)
+
+    params = _copy_dicts(model.params)
+    layer_recs: dict[str, dict] = {}
+    block_recs: list[dict] = []
+    bar = tqdm(total=len(plan), desc="AQ", unit="layer", disable=not progress)
+    for block, names in groups.items():
+        for name in names:
+            cfg = plan[name]
+            saved = store.load("layer", name) if store else None
+            if saved is not None:
+                tree, rec = saved
+                weight = tree["kernel"]
+            else:
+                def show(r, name=name):
+                    bar.set_postfix_str(f"{name} round {r['round']} {r['phase']}: objective {r['objective']:.4f}")
+
+                weight, hist = quantize_kernel(
+                    kernels[name], calib.xtx[name], cfg.num_codebooks, cfg.nbits, cfg.group_size,
+                    key=jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF), beam_size=beam_size,
+                    progress=show if progress else None, **aq_options)
+                rec = {"name": name, "config": cfg.describe() + (" kernel" if weight.kernel_grouping else ""),
+                       "bits_per_weight": cfg.stored_bits(_shape(kernels[name])) / int(np.prod(_shape(kernels[name]))),
+                       "objective_init": hist[0]["objective"], "objective": hist[-1]["objective"],
+                       "seconds": hist[-1]["seconds"]}
+                if store:
+                    store.save("layer", name, {"kernel": weight}, rec)
+            _set_layer(params, name, weight)
+            layer_recs[name] = rec
+            bar.set_postfix_str(f"{name}: objective {rec['objective_init']:.4f} -> {rec['objective']:.4f}")
+            bar.update(1)
+        if block is not None and finetune_steps > 0:
+            units = block_units(params, block)
+            saved = store.load("block", block) if store else None
+            if saved is not None:
+                tree, rec = saved
+                params = _set_paths(params, {u: tree[".".join(u)] for u in units})
+            else:
+                bar.set_postfix_str(f"fine-tuning {block}")
+                params, rec = finetune_block(model, params, model.params, block, calib, steps=finetune_steps,
+                                             lr=finetune_lr, batch_size=finetune_batch, key=key)
+                if store:
+                    store.save("block", block, {".".join(u): _get(params, u) for u in units}, rec)
+            bar.set_postfix_str(f"{block}: output error {rec['error_before']:.4f} -> {rec['error_after']:.4f}")
+            block_recs.append(rec)
+    bar.close()
+    params = _copy_dicts(params)
+    full_plan = {n: plan.get(n) for n in kernels}
+    params = attach_act_quantizers(model, calib, params, full_plan, acts)
+    return AQResult(params, dict(plan), [layer_recs[n] for n in plan if n in layer_recs], block_recs)

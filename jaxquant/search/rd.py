@@ -1,0 +1,1136 @@
+"""Rate–distortion mixed precision (seed ``002``: Algorithms 1 and 2, eqs. 3–5, 13–17).
+
+For every *site* — the weights of each quantizable layer, and each activation that
+uniform quantization would quantize (a quantized layer's input, the q/k/v operands of
+an attention whose projections are quantized) — and every candidate bit width, the
+**curve** holds the output distortion of the whole network when *only that site* is
+quantized (Algorithm 1), measured on calibration inputs ``(x_t, t)`` of each timestep
+group against the float network's output on the same inputs. Under the additivity
+property (eq. 5: the distortion of quantizing many sites ≈ the sum of the single-site
+distortions) the best plan for a size budget is found by Lagrangian equal-slope
+selection (eqs. 14–17, Algorithm 2): for a multiplier ``λ ≥ 0`` every curve takes the
+point minimising ``d + λ·s``; ``λ`` is bisected until the total size meets the budget.
+(The seed writes ``d − γ·s`` with ``γ = −λ`` the common slope of the curves.)
+
+Sizes, and the budgets of ``allocate_plan``:
+
+* weights: the exact storage of the layer's :class:`~jaxquant.quant.uniform.UniformWeight`
+  at that bit width (codes, scales, zero points; :mod:`jaxquant.quant.accounting`).
+  A target of ``w_bits`` average bits is the storage of every quantized layer at
+  ``w_bits`` (interpolated between integers), so an RD model at ``--w-bits 4`` is never
+  larger than the uniform W4 model of the same layers.
+* activations: as the seed, the number of values of the site per sample times the bit
+  width; a target of ``a_bits`` is ``a_bits`` times the values of all sites. Weight and
+  activation budgets are met separately (the CLI asks for both averages).
+
+Timestep groups: every curve has one row per group (the calibration's groups).
+Activation bits are chosen per group (their own budget each, stored as per-group bit
+widths in :class:`~jaxquant.quant.activation.ActQuant`); weights are shared by all
+groups and chosen on the sum of the groups' distortions, or — ``per_group_weights`` —
+chosen per group with all ``G`` copies counted in the one weight budget (a plan only:
+such models cannot be written as a model directory yet).
+
+Computation (the JAX way): the forward pass is a pure function of the parameters; the
+parameter tree carries, at every site, a probe whose perturbation is switched on by a
+traced site index (``lax.cond``, so only the selected site's branch runs). One jitted
+function per site kind is compiled once and called per site, ``vmap``-ed over that
+site's candidates (the quantized kernels, or the activation scales), and chunked over
+the input samples; with several devices the candidate axis is sharded over them.
+Finished curves are written to ``OUT/curves.json`` after each site; a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from tqdm.auto import tqdm
+
+from jaxquant import xla
+from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.quant import dispatch
+from jaxquant.quant.accounting import leaf_storage
+from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant
+from jaxquant.quant.quantize import ActQuantConfig, _projections_quantized, act_quantizer
+from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, apply_plan, default_rules, layer_kernels, resolve
+from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig, quantize_weight
+from jaxquant.search.distortion import DISTORTIONS, SSIMConfig, distortion, output_stats
+
+#: Candidate bit widths of weights and of activations.
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+ACT_BITS = (4, 5, 6, 7, 8)
+CURVES_FORMAT = "jaxquant-rd-curves"
+CURVES_VERSION = 1
+
+
+# --------------------------------------------------------------------------- sites and inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A quantization site.
+
+    Attributes:
+      kind: ``"weight"`` (a layer's kernel), ``"act"`` (an activation with a curve) or
+        ``"probs"`` (attention probabilities, quantized at a fixed width, no curve).
+      name: the layer name (weights, layer inputs) or the calibration's site name
+        (``<attention>.q``).
+      node: keys of the parameter dict that holds the kernel / the quantizer.
+      leaf: ``"kernel"``, ``"input_quant"``, ``"q_quant"``, …
+      numel: weights of the kernel, or values of the activation per sample.
+      split: first channel of the second part of a split activation (0: none).
+    """
+
+    kind: str
+    name: str
+    node: tuple[str, ...]
+    leaf: str
+    numel: int
+    split: int = 0
+
+    @property
+    def key(self) -> str:
+        """Unique key: ``weight:<layer>`` / ``act:<site>``."""
+        return f"{self.kind}:{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    """How curves are measured.
+
+    Attributes:
+      weight_bits / act_bits: candidate bit widths.
+      inputs_per_group: calibration inputs ``(x_t, t)`` drawn per timestep group (the
+        seed uses 50 images in all).
+      batch_size: samples per call (times the candidates of a site: the memory bound).
+      seed: which calibration inputs are drawn.
+      ssim: SSIM settings of the ``"mse+ssim"`` distortion.
+    """
+
+    weight_bits: tuple[int, ...] = WEIGHT_BITS
+    act_bits: tuple[int, ...] = ACT_BITS
+    inputs_per_group: int = 8
+    batch_size: int = 16
+    seed: int = 0
+    ssim: SSIMConfig = SSIMConfig()
+
+    def __post_init__(self):
+        if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
+            raise ConfigError(f"weight candidate bits must be in 2..8, got {self.weight_bits}")
+        if not self.act_bits or any(not 4 <= b <= 8 for b in self.act_bits):
+            raise ConfigError(f"activation candidate bits must be in 4..8, got {self.act_bits}")
+        if self.inputs_per_group < 1 or self.batch_size < 1:
+            raise ConfigError("inputs_per_group and batch_size must be positive")
+        object.__setattr__(self, "weight_bits", tuple(sorted(set(self.weight_bits))))
+        object.__setattr__(self, "act_bits", tuple(sorted(set(self.act_bits))))
+
+
+@dataclasses.dataclass
+class RDInputs:
+    """Calibration inputs of the curves, all groups concatenated (``B`` samples)."""
+
+    x: np.ndarray            # [B, H, W, C]
+    t: np.ndarray            # [B] int32
+    y: np.ndarray | None     # [B] labels (class-conditional models)
+    group: np.ndarray        # [B] timestep group
+    ref: np.ndarray          # [B, H, W, C] float network output
+
+
+class RDProblem:
+    """A model, its calibration, the sites and their quantizers (cached).
+
+    Args:
+      model: a :class:`jaxquant.Model` with float parameters.
+      calib: its :class:`~jaxquant.calib.Calibration` (inputs, activation samples, groups).
+      weights: the weight quantizer form (symmetry, group size, clipping search) for
+        layers the rules do not override; RD chooses each layer's bits.
+      acts: activation quantizer settings (range method, softmax bits, attention
+        operands, split ranges); ``None`` keeps activations float.
+      rules: which layers are quantized (default: all but the first/last layer), and
+        with which form; their ``bits`` are replaced by the candidates.
+      config: candidates and inputs of the curves.
+    """
+
+    def __init__(self, model, calib, weights: WeightQuantConfig | None = None, acts: ActQuantConfig | None = None,
+                 rules: Sequence[Rule] | None = None, config: CurveConfig = CurveConfig()):
+        self.model = model
+        self.calib = calib
+        self.weights = weights or WeightQuantConfig()
+        self.acts = acts if acts is not None and acts.bits is not None else None
+        self.rules = list(rules) if rules is not None else default_rules(self.weights)
+        self.config = config
+        self.groups = int(calib.config.groups)
+        self._kernels = layer_kernels(model.params)
+        self.layer_configs = {n: c for n, c in resolve(self._kernels, self.rules).items() if c is not None}
+        if not self.layer_configs:
+            raise ConfigError("the rules leave no layer to quantize")
+        self.sites = self._find_sites()
+        self.inputs = self._select_inputs()
+        self._wq: dict[tuple[str, int], UniformWeight] = {}
+        self._aq: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- sites
+
+    @property
+    def weight_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.kind == "weight"]
+
+    @property
+    def act_sites(self) -> list[Site]:
+        """Sites with a curve (``"act"``) followed by the fixed-width ``"probs"`` sites."""
+        return [s for s in self.sites if s.kind == "act"] + [s for s in self.sites if s.kind == "probs"]
+
+    @property
+    def curve_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.kind in ("weight", "act")]
+
+    def site(self, key: str) -> Site:
+        for s in self.sites:
+            if s.key == key:
+                return s
+        raise ConfigError(f"no quantization site {key!r}")
+
+    def candidates(self, site: Site) -> tuple[int, ...]:
+        return self.config.weight_bits if site.kind == "weight" else self.config.act_bits
+
+    def _find_sites(self) -> list[Site]:
+        from jaxquant.calib.calibration import _model_fns
+        from jaxquant.models.introspect import conv_layers
+
+        params = self.model.params
+        sites = [Site("weight", n, tuple(_split_name(params, n)), "kernel", int(np.prod(np.shape(self._kernels[n]))))
+                 for n in self.layer_configs]
+        if self.acts is None:
+            return sites
+        missing = [n for n in self.layer_configs if n not in self.calib.samples]
+        if missing:
+            raise ConfigError(f"the calibration has no record of layer {missing[0]!r}: was it made with this model?")
+        _, capture = _model_fns(self.model, 1.0)
+        x = jax.ShapeDtypeStruct((1, *self.model.sample_shape), jnp.float32)
+        i = jax.ShapeDtypeStruct((1,), jnp.int32)
+        shapes = jax.eval_shape(capture, params, x, i, i)
+        splits = {n: c.input_split for n, c in conv_layers(self.model).items()} if self.acts.split else {}
+        full_plan = {n: self.layer_configs.get(n) for n in self._kernels}
+        for n in self.layer_configs:
+            sites.append(Site("act", n, tuple(_split_name(params, n)), "input_quant",
+                              int(np.prod(shapes[n].shape[1:])), splits.get(n, 0)))
+        if self.acts.attention_matmuls:
+            probs = []
+            for name in self.calib.sites:
+                base, _, leaf = name.rpartition(".")
+                if leaf not in ("q", "k", "v", "probs") or not _projections_quantized(base, full_plan):
+                    continue
+                s = Site("probs" if leaf == "probs" else "act", name, tuple(_split_name(params, base)),
+                         f"{leaf}_quant", int(np.prod(shapes[name].shape[1:])))
+                (probs if leaf == "probs" else sites).append(s)
+            sites += probs
+        return sites
+
+    def _select_inputs(self) -> RDInputs:
+        c = self.calib
+        S, N = c.inputs.shape[:2]
+        rng = np.random.default_rng(self.config.seed)
+        picks = []
+        for g in range(self.groups):
+            steps = np.flatnonzero(np.asarray(c.step_groups) == g)
+            if len(steps) == 0:
+                raise ConfigError(f"timestep group {g} has no calibration step; calibrate with more --steps "
+                                  f"(at least as many as groups, spread over all timesteps)")
+            pairs = np.stack(np.meshgrid(steps, np.arange(N), indexing="ij"), -1).reshape(-1, 2)
+            k = min(self.config.inputs_per_group, len(pairs))
+            picks.append(pairs[np.sort(rng.choice(len(pairs), k, replace=False))])
+        pairs = np.concatenate(picks)
+        x = np.asarray(c.inputs)[pairs[:, 0], pairs[:, 1]].astype(np.float32)
+        t = np.asarray(c.timesteps)[pairs[:, 0]].astype(np.int32)
+        y = np.asarray(c.labels)[pairs[:, 1]].astype(np.int32) if self.model.is_class_conditional else None
+        group = np.asarray(c.step_groups)[pairs[:, 0]].astype(np.int32)
+        ref = self._forward_float(x, t, y)
+        return RDInputs(x, t, y, group, ref)
+
+    def _forward_float(self, x, t, y) -> np.ndarray:
+        fwd = xla.jit(lambda p, x, t, y: self.model.module.apply({"params": p}, x, t, y))
+        bs = self.config.batch_size
+        out = [np.asarray(fwd(self.model.params, x[i:i + bs], t[i:i + bs], None if y is None else y[i:i + bs]))
+               for i in range(0, len(x), bs)]
+        return np.concatenate(out).astype(np.float32)
+
+    # -- quantizers
+
+    def weight_quant(self, layer: str, bits: int) -> UniformWeight:
+        """The layer's kernel quantized at ``bits`` with its rule's quantizer form (cached)."""
+        key = (layer, int(bits))
+        if key not in self._wq:
+            cfg = dataclasses.replace(self.layer_configs[layer], bits=int(bits))
+            self._wq[key] = quantize_weight(self._kernels[layer], cfg)
+        return self._wq[key]
+
+    def weight_size(self, layer: str, bits: int) -> int:
+        """Storage bits of the layer at ``bits`` (:func:`jaxquant.quant.accounting.leaf_storage`)."""
+        return leaf_storage(layer + ".kernel", self.weight_quant(layer, bits)).bits
+
+    def act_params(self, site: Site, group: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale [2], zero [2])`` of the site's quantizer for one group and width (cached);
+        both parts equal for unsplit sites."""
+        key = (site.name, int(group), int(bits))
+        if key not in self._aq:
+            q = act_quantizer(self._site_samples(site)[group:group + 1], int(bits), self.acts, site.split)
+            s, z = np.asarray(q.scale[0], np.float32), np.asarray(q.zero[0], np.float32)
+            self._aq[key] = (np.resize(s, 2), np.resize(z, 2))
+        return self._aq[key]
+
+    def _site_samples(self, site: Site) -> np.ndarray:
+        samples = np.asarray(self.calib.samples[site.name])
+        if samples.shape[1] == 2 and not site.split:
+            samples = samples.reshape(samples.shape[0], 1, -1)
+        return samples
+
+    def act_quantizer(self, site: Site, group_bits: Sequence[int]) -> ActQuant:
+        """An :class:`ActQuant` with one bit width per timestep group (an int when all agree)."""
+        group_bits = tuple(int(b) for b in group_bits)
+        p = 2 if site.split else 1
+        scale = np.stack([self.act_params(site, g, b)[0][:p] for g, b in enumerate(group_bits)])
+        zero = np.stack([self.act_params(site, g, b)[1][:p] for g, b in enumerate(group_bits)])
+        bits = group_bits[0] if len(set(group_bits)) == 1 else group_bits
+        return ActQuant(scale, zero, bits, site.split)
+
+    def probs_bits(self, plan_act_bits: dict[str, Sequence[int]], site: Site) -> int:
+        """Width of an attention's probabilities: ``softmax_bits`` (at least its operands')."""
+        base = site.name.rpartition(".")[0]
+        own = [max(b) for k, b in plan_act_bits.items() if k.rpartition(".")[0] == base]
+        return max([self.acts.softmax_bits, *own])
+
+    def fingerprint(self) -> dict:
+        """What the curves depend on; a resumed run must match it."""
+        h = hashlib.sha256()
+        for leaf in jax.tree_util.tree_leaves(self.model.params):
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        h.update(self.inputs.x.tobytes())
+        h.update(self.inputs.t.tobytes())
+        for s in self.sites:
+            if s.kind != "weight":
+                h.update(np.ascontiguousarray(self.calib.samples[s.name], np.float32).tobytes())
+        return {
+            "params_and_inputs_sha256": h.hexdigest(),
+            "groups": self.groups,
+            "layers": {n: _form(c) for n, c in self.layer_configs.items()},
+            "acts": _form(self.acts),
+            "config": repr({k: v for k, v in dataclasses.asdict(self.config).items() if k != "batch_size"}),
+        }
+
+
+def _form(cfg: Any) -> str:
+    """A quantizer config without its ``bits`` (RD chooses those): what curves depend on."""
+    if dataclasses.is_dataclass(cfg):
+        return repr({k: v for k, v in dataclasses.asdict(cfg).items() if k != "bits"})
+    return repr(cfg)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+@flax.struct.dataclass
+class _KernelProbe:
+    """A kernel that is replaced by a candidate (flat, padded ``row``) when ``on``."""
+
+    w: jax.Array
+    row: jax.Array
+    on: jax.Array
+
+    def candidate(self, row: jax.Array) -> jax.Array:
+        return row[:math.prod(self.w.shape)].reshape(self.w.shape)
+
+
+def _probe_dense(x, k: _KernelProbe):
+    dot = lambda w: jnp.dot(x, w.astype(x.dtype), precision=lax.Precision.HIGHEST)  # noqa: E731
+    return lax.cond(k.on, lambda r: dot(k.candidate(r)), lambda r: dot(k.w), k.row)
+
+
+def _probe_conv(x, k: _KernelProbe, strides, padding):
+    conv = lambda w: lax.conv_general_dilated(  # noqa: E731
+        x, w.astype(x.dtype), window_strides=tuple(strides), padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+    return lax.cond(k.on, lambda r: conv(k.candidate(r)), lambda r: conv(k.w), k.row)
+
+
+dispatch.register_weight_type(_KernelProbe, lambda k, dtype: jnp.where(k.on, k.candidate(k.row), k.w).astype(dtype),
+                              dense_kernel=_probe_dense, conv_kernel=_probe_conv)
+
+
+@flax.struct.dataclass
+class _ActProbe:
+    """An activation quantizer with per-sample ``scale``/``zero`` ``[B, 2]`` and ``qmax [B]``,
+    applied when ``on`` (the same arithmetic as :class:`ActQuant` of the sample's group)."""
+
+    scale: jax.Array
+    zero: jax.Array
+    qmax: jax.Array
+    on: jax.Array
+    split: int = flax.struct.field(pytree_node=False, default=0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def quant(x, scale, zero, qmax):
+            shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+            part = lambda v, p: fake_quant(v, scale[:, p].reshape(shape), zero[:, p].reshape(shape),  # noqa: E731
+                                           qmax.reshape(shape))
+            if self.split:
+                return jnp.concatenate([part(x[..., :self.split], 0), part(x[..., self.split:], 1)], axis=-1)
+            return part(x, 0)
+
+        return lax.cond(self.on, quant, lambda x, *_: x, x, self.scale, self.zero, self.qmax)
+
+
+def _with_probes(params: dict, sites: Sequence[Site], make: Callable[[int, Site, Any], Any]) -> dict:
+    """A copy of ``params`` with ``make(i, site, current)`` at each site's leaf."""
+    p = _copy_dicts(params)
+    for i, s in enumerate(sites):
+        node = p
+        for k in s.node:
+            node = node[k]
+        node[s.leaf] = make(i, s, node.get(s.leaf))
+    return p
+
+
+# --------------------------------------------------------------------------- curves
+
+
+@dataclasses.dataclass
+class SiteCurve:
+    """Measured curve of one site.
+
+    Attributes:
+      site: the site.
+      bits: candidate bit widths (``M``).
+      sizes: ``[M]`` size of each candidate in bits (module docstring).
+      err2: ``[G, M]`` summed ``‖Ô − O‖²`` over each group's inputs.
+      dssim: ``[G, M]`` summed ``1 − SSIM`` over each group's inputs.
+    """
+
+    site: Site
+    bits: tuple[int, ...]
+    sizes: np.ndarray
+    err2: np.ndarray
+    dssim: np.ndarray
+
+    def to_json(self) -> dict:
+        return {"site": dataclasses.asdict(self.site), "bits": list(self.bits), "sizes": self.sizes.tolist(),
+                "err2": self.err2.tolist(), "dssim": self.dssim.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SiteCurve":
+        s = dict(d["site"])
+        s["node"] = tuple(s["node"])
+        return cls(Site(**s), tuple(d["bits"]), np.asarray(d["sizes"], np.float64),
+                   np.asarray(d["err2"], np.float64), np.asarray(d["dssim"], np.float64))
+
+
+@dataclasses.dataclass
+class RDCurves:
+    """All curves of a problem, with the per-group reference statistics.
+
+    Attributes:
+      curves: ``{site key: SiteCurve}`` in site order.
+      ref2: ``[G]`` summed ``‖O‖²`` per group.
+      count: ``[G]`` inputs per group.
+      settings: the problem's fingerprint.
+    """
+
+    curves: dict[str, SiteCurve]
+    ref2: np.ndarray
+    count: np.ndarray
+    settings: dict
+
+    @property
+    def groups(self) -> int:
+        return len(self.ref2)
+
+    def distortion(self, key: str, kind: str = "mse") -> np.ndarray:
+        """``[G, M]`` distortion of the site's candidates per group."""
+        c = self.curves[key]
+        return distortion(kind, c.err2, self.ref2[:, None], c.dssim, self.count[:, None])
+
+    def of_kind(self, kind: str) -> list[SiteCurve]:
+        return [c for c in self.curves.values() if c.site.kind == kind]
+
+    def to_json(self) -> dict:
+        return {"format": CURVES_FORMAT, "format_version": CURVES_VERSION, "settings": self.settings,
+                "ref2": self.ref2.tolist(), "count": self.count.tolist(),
+                "curves": {k: c.to_json() for k, c in self.curves.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RDCurves":
+        if d.get("format") != CURVES_FORMAT or d.get("format_version") != CURVES_VERSION:
+            raise CheckpointError(f"not a jaxquant curves file (format {d.get('format')!r} "
+                                  f"v{d.get('format_version')})")
+        return cls({k: SiteCurve.from_json(v) for k, v in d["curves"].items()}, np.asarray(d["ref2"], np.float64),
+                   np.asarray(d["count"], np.float64), d["settings"])
+
+
+def load_curves(path: str | os.PathLike) -> RDCurves:
+    """Read ``curves.json`` (or a directory holding it) written by :func:`compute_curves`."""
+    p = Path(path)
+    p = p / "curves.json" if p.is_dir() else p
+    try:
+        return RDCurves.from_json(json.loads(p.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read rate–distortion curves from '{p}': {e}") from None
+
+
+def _save_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+class _Evaluator:
+    """The jitted, vmapped single-site evaluators of a problem (compiled once each)."""
+
+    def __init__(self, problem: RDProblem):
+        self.p = problem
+        module = problem.model.module
+        ssim_cfg = problem.config.ssim
+        self.wsites = problem.weight_sites
+        self.asites = problem.act_sites
+        self.max_size = max(s.numel for s in self.wsites)
+        self.devices = jax.devices()
+        self.mesh = jax.sharding.Mesh(np.asarray(self.devices), ("cand",)) if len(self.devices) > 1 else None
+
+        def apply(params, x, t, y):
+            return module.apply({"params": params}, x, t, y)
+
+        def weight_fn(params, idx, rows, x, t, y, ref):
+            def one(row):
+                p = _with_probes(params, self.wsites, lambda i, s, k: _KernelProbe(k, row, idx == i))
+                return output_stats(apply(p, x, t, y), ref, ssim_cfg)
+            return jax.vmap(one)(rows)
+
+        def act_fn(params, idx, scale, zero, qmax, x, t, y, ref):
+            def one(scale, zero, qmax):
+                p = _with_probes(params, self.asites, lambda i, s, _: _ActProbe(scale, zero, qmax, idx == i, s.split))
+                return output_stats(apply(p, x, t, y), ref, ssim_cfg)
+            return jax.vmap(one)(scale, zero, qmax)
+
+        def joint_fn(params, kernels, scale, zero, qmax, on, x, t, y, ref):
+            p = _with_probes(params, self.wsites, lambda i, s, _: kernels[i])
+            p = _with_probes(p, self.asites, lambda i, s, _: _ActProbe(scale[i], zero[i], qmax[i], on[i], s.split))
+            return output_stats(apply(p, x, t, y), ref, ssim_cfg)
+
+        self.weight_fn = xla.jit(weight_fn)
+        self.act_fn = xla.jit(act_fn)
+        self.joint_fn = xla.jit(joint_fn)
+
+    def _chunks(self):
+        """``(sample indices padded to batch_size, number valid)`` over all inputs."""
+        n, bs = len(self.p.inputs.t), self.p.config.batch_size
+        bs = min(bs, n)
+        for i in range(0, n, bs):
+            idx = np.arange(i, min(i + bs, n))
+            yield np.concatenate([idx, np.full(bs - len(idx), idx[-1])]), len(idx)
+
+    def _batch(self, idx):
+        inp = self.p.inputs
+        return (jnp.asarray(inp.x[idx]), jnp.asarray(inp.t[idx]),
+                None if inp.y is None else jnp.asarray(inp.y[idx]), jnp.asarray(inp.ref[idx]))
+
+    def _put_candidates(self, *arrays):
+        """Pad the leading (candidate) axis to a multiple of the devices and shard it."""
+        v = arrays[0].shape[0]
+        nd = len(self.devices)
+        pad = (-v) % nd
+        out = []
+        for a in arrays:
+            if pad:
+                a = np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+            a = jnp.asarray(a)
+            if self.mesh is not None:
+                spec = jax.sharding.PartitionSpec("cand", *([None] * (a.ndim - 1)))
+                a = jax.device_put(a, jax.sharding.NamedSharding(self.mesh, spec))
+            out.append(a)
+        return out
+
+    def _group_sums(self, stats: np.ndarray, idx: np.ndarray, valid: int, acc: np.ndarray) -> None:
+        """Add per-sample ``stats [V, b, 2]`` into ``acc [G, V, 2]`` by the samples' groups."""
+        g = self.p.inputs.group[idx[:valid]]
+        for gi in np.unique(g):
+            acc[gi] += stats[:, :valid][:, g == gi].sum(axis=1)
+
+    def weight_site(self, i: int, rows: np.ndarray) -> np.ndarray:
+        """``[G, V, 2]`` group sums of (err², 1−SSIM) for candidate kernels ``rows [V, max_size]``."""
+        v = len(rows)
+        (rows_d,) = self._put_candidates(rows)
+        acc = np.zeros((self.p.groups, v, 2))
+        for idx, valid in self._chunks():
+            x, t, y, ref = self._batch(idx)
+            st = np.asarray(self.weight_fn(self.p.model.params, jnp.int32(i), rows_d, x, t, y, ref))[:v]
+            self._group_sums(st, idx, valid, acc)
+        return acc
+
+    def act_site(self, i: int, tables: tuple[np.ndarray, np.ndarray], bits: Sequence[int]) -> np.ndarray:
+        """Like :meth:`weight_site` for activation site ``i``: ``tables`` are
+        ``(scale, zero)`` of shape ``[G, V, 2]`` for the candidate ``bits``."""
+        v = len(bits)
+        acc = np.zeros((self.p.groups, v, 2))
+        for idx, valid in self._chunks():
+            g = self.p.inputs.group[idx]
+            scale = np.transpose(tables[0][g], (1, 0, 2))  # [V, b, 2]
+            zero = np.transpose(tables[1][g], (1, 0, 2))
+            qmax = np.repeat((2.0 ** np.asarray(bits, np.float32) - 1)[:, None], len(idx), axis=1)
+            scale, zero, qmax = self._put_candidates(scale, zero, qmax.astype(np.float32))
+            x, t, y, ref = self._batch(idx)
+            st = np.asarray(self.act_fn(self.p.model.params, jnp.int32(i), scale, zero, qmax, x, t, y, ref))[:v]
+            self._group_sums(st, idx, valid, acc)
+        return acc
+
+    def joint(self, weight_bits: dict[str, Sequence[int] | int], act_bits: dict[str, Sequence[int]]) -> np.ndarray:
+        """``[G, 2]`` group sums of (err², 1−SSIM) with many sites quantized at once.
+
+        ``weight_bits``: layer → bits (shared); ``act_bits``: activation site name → bits
+        per group. Absent sites stay float; the probabilities of attentions with all
+        operands quantized are quantized at :meth:`RDProblem.probs_bits`. One compile
+        serves every plan (kernels are dense arrays, quantizers per-sample probes).
+        """
+        p = self.p
+        kernels = [dispatch.materialize(p.weight_quant(s.name, int(weight_bits[s.name])))
+                   if s.name in weight_bits else jnp.asarray(p._kernels[s.name]) for s in self.wsites]
+        na = len(self.asites)
+        tabs = np.ones((na, p.groups, 2), np.float32), np.zeros((na, p.groups, 2), np.float32)
+        qm = np.ones((na, p.groups), np.float32)
+        on = np.zeros(na, bool)
+        for i, s in enumerate(self.asites):
+            if s.kind == "probs":
+                base = s.name.rpartition(".")[0]
+                operands = [n for n in (f"{base}.q", f"{base}.k", f"{base}.v")]
+                if not all(n in act_bits for n in operands):
+                    continue
+                bits = [p.probs_bits({n: act_bits[n] for n in operands}, s)] * p.groups
+            elif s.name in act_bits:
+                bits = list(act_bits[s.name])
+            else:
+                continue
+            on[i] = True
+            for g, b in enumerate(bits):
+                tabs[0][i, g], tabs[1][i, g] = p.act_params(s, g, b)
+                qm[i, g] = 2.0 ** b - 1
+        acc = np.zeros((p.groups, 1, 2))
+        for idx, valid in self._chunks():
+            g = p.inputs.group[idx]
+            x, t, y, ref = self._batch(idx)
+            st = self.joint_fn(p.model.params, kernels, jnp.asarray(tabs[0][:, g]), jnp.asarray(tabs[1][:, g]),
+                               jnp.asarray(qm[:, g]), jnp.asarray(on), x, t, y, ref)
+            self._group_sums(np.asarray(st)[None], idx, valid, acc)
+        return acc[:, 0]
+
+
+def _evaluator(problem: RDProblem) -> _Evaluator:
+    ev = getattr(problem, "_evaluator", None)
+    if ev is None:
+        ev = problem._evaluator = _Evaluator(problem)
+    return ev
+
+
+def _evaluate_site(problem: RDProblem, site: Site, candidates_per_call: int | None = None) -> SiteCurve:
+    """One site's curve (Algorithm 1, lines 3–9 for every candidate of the site)."""
+    ev = _evaluator(problem)
+    bits = problem.candidates(site)
+    per_call = candidates_per_call or len(bits)
+    parts = []
+    if site.kind == "weight":
+        i = ev.wsites.index(site)
+        rows = np.zeros((len(bits), ev.max_size), np.float32)
+        for j, b in enumerate(bits):
+            rows[j, :site.numel] = np.asarray(dispatch.materialize(problem.weight_quant(site.name, b))).ravel()
+        sizes = np.asarray([problem.weight_size(site.name, b) for b in bits], np.float64)
+        for j in range(0, len(bits), per_call):
+            parts.append(ev.weight_site(i, rows[j:j + per_call]))
+    else:
+        i = ev.asites.index(site)
+        scale = np.zeros((problem.groups, len(bits), 2), np.float32)
+        zero = np.zeros_like(scale)
+        for g in range(problem.groups):
+            for j, b in enumerate(bits):
+                scale[g, j], zero[g, j] = problem.act_params(site, g, b)
+        sizes = np.asarray([site.numel * b for b in bits], np.float64)
+        for j in range(0, len(bits), per_call):
+            sl = slice(j, j + per_call)
+            parts.append(ev.act_site(i, (scale[:, sl], zero[:, sl]), bits[sl]))
+    acc = np.concatenate(parts, axis=1)
+    return SiteCurve(site, tuple(bits), sizes, acc[..., 0], acc[..., 1])
+
+
+def compute_curves(problem: RDProblem, out_dir: str | os.PathLike | None = None, *, progress: bool = True,
+                   only: Sequence[str] | None = None, candidates_per_call: int | None = None) -> RDCurves:
+    """Measure the rate–distortion curve of every site (Algorithm 1); resumable.
+
+    Args:
+      problem: the model, calibration and sites.
+      out_dir: ``curves.json`` is written there after every finished site, and the sites
+        it already holds (made with the same settings) are not measured again.
+      progress: show a progress bar.
+      only: measure only these site keys (``weight:<layer>``, ``act:<site>``).
+      candidates_per_call: candidates per jitted call (default: all of a site's;
+        ``1`` evaluates them one by one, the unbatched baseline of the benchmark).
+
+    Returns:
+      The curves of all (or the ``only``) sites, finished ones included.
+
+    Raises:
+      CheckpointError: ``out_dir`` holds curves made with other settings.
+    """
+    inp = problem.inputs
+    ref2 = np.asarray([float(np.sum(np.square(inp.ref[inp.group == g], dtype=np.float64)))
+                       for g in range(problem.groups)])
+    count = np.bincount(inp.group, minlength=problem.groups).astype(np.float64)
+    settings = problem.fingerprint()
+    curves = RDCurves({}, ref2, count, settings)
+    path = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "curves.json"
+        if path.exists():
+            old = load_curves(path)
+            if old.settings != settings:
+                raise CheckpointError(f"'{out}' holds curves of another model, calibration or settings; "
+                                      "use another output directory (or delete curves.json)")
+            curves.curves.update(old.curves)
+    sites = problem.curve_sites
+    if only is not None:
+        keys = set(only)
+        unknown = keys - {s.key for s in sites}
+        if unknown:
+            raise ConfigError(f"unknown site(s) {', '.join(sorted(unknown))}; sites are "
+                              f"'weight:<layer>' or 'act:<activation>'")
+        sites = [s for s in sites if s.key in keys]
+    todo = [s for s in sites if s.key not in curves.curves]
+    bar = tqdm(total=len(sites), initial=len(sites) - len(todo), desc="rd curves", unit="site", disable=not progress)
+    for s in todo:
+        curves.curves[s.key] = _evaluate_site(problem, s, candidates_per_call)
+        if path is not None:
+            _save_json(path, curves.to_json())
+        bar.update(1)
+    bar.close()
+    order = {s.key: i for i, s in enumerate(problem.curve_sites)}
+    wanted = {s.key for s in sites}
+    curves.curves = {k: curves.curves[k] for k in sorted(curves.curves, key=lambda k: order.get(k, 1 << 30))
+                     if k in wanted}
+    return curves
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+@dataclasses.dataclass
+class Allocation:
+    """Result of :func:`allocate`.
+
+    Attributes:
+      choice: ``[N]`` index of the chosen point on each curve.
+      size: total size of the choice.
+      distortion: predicted distortion (sum of the chosen points, eq. 13).
+      lam: the multiplier ``λ`` (the negated common slope) of the choice.
+    """
+
+    choice: np.ndarray
+    size: float
+    distortion: float
+    lam: float
+
+
+def allocate(curves: Sequence[tuple[Sequence[float], Sequence[float]]], budget: float,
+             iterations: int = 100) -> Allocation:
+    """Lagrangian equal-slope bit allocation (eqs. 13–17, Algorithm 2) in ``O(K·M·N)``.
+
+    For ``λ ≥ 0`` each curve takes the point minimising ``d + λ·s`` (ties: the smaller
+    size); the total size falls as ``λ`` grows, and ``λ`` is bisected (``K`` =
+    ``iterations`` steps) to the smallest value meeting ``budget``. The curves whose
+    choice flips at that critical ``λ`` all have (numerically) the same slope; they
+    take their larger point in order of slope while the budget allows. Every plan
+    returned minimises ``Σd + λ·Σs`` for some ``λ``, so no plan of at most its size
+    has a smaller total distortion (it lies on the lower convex hull of the achievable
+    (size, distortion) pairs); plans between hull points are not reached.
+
+    Args:
+      curves: ``N`` curves, each ``(sizes [M_i], distortions [M_i])``; any shape (not
+        necessarily convex or monotone).
+      budget: the largest total size allowed.
+      iterations: bisection steps.
+
+    Raises:
+      ConfigError: the smallest points of all curves together exceed ``budget``, or
+        a curve is empty or not finite.
+    """
+    n = len(curves)
+    if n == 0:
+        return Allocation(np.zeros(0, np.int64), 0.0, 0.0, 0.0)
+    m = max(len(c[0]) for c in curves)
+    S = np.zeros((n, m))           # padding: size 0 at infinite distortion, never chosen
+    D = np.full((n, m), np.inf)
+    valid = np.zeros((n, m), bool)
+    for i, (s, d) in enumerate(curves):
+        s, d = np.asarray(s, np.float64), np.asarray(d, np.float64)
+        if s.shape != d.shape or s.ndim != 1 or len(s) == 0:
+            raise ConfigError(f"curve {i}: sizes and distortions must be non-empty 1-D arrays of one length")
+        if not (np.all(np.isfinite(s)) and np.all(np.isfinite(d))):
+            raise ConfigError(f"curve {i} has non-finite sizes or distortions")
+        S[i, :len(s)], D[i, :len(d)], valid[i, :len(s)] = s, d, True
+    rows = np.arange(n)
+
+    def pick(lam: float) -> np.ndarray:
+        cost = D + lam * S
+        best = cost.min(axis=1, keepdims=True)
+        return np.argmin(np.where((cost <= best) & valid, S, np.inf), axis=1)
+
+    def total(choice):
+        return float(S[rows, choice].sum())
+
+    smallest = float(np.where(valid, S, np.inf).min(axis=1).sum())
+    if smallest > budget:
+        raise ConfigError(f"infeasible bit budget: {budget:.0f} bits, but the smallest candidates of all "
+                          f"{n} sites already need {smallest:.0f}; allow more bits or fewer quantized sites")
+    lo, hi = 0.0, 1.0
+    choice = pick(0.0)
+    if total(choice) <= budget:
+        return Allocation(choice, total(choice), float(D[rows, choice].sum()), 0.0)
+    while total(pick(hi)) > budget:
+        lo, hi = hi, hi * 2.0
+        if not np.isfinite(hi):
+            raise ConfigError("allocation diverged: curve slopes are not finite")
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if total(pick(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    choice, above = pick(hi), pick(lo)
+    # Curves flipping inside (lo, hi): take their larger point in order of slope while it fits.
+    flips = np.flatnonzero(choice != above)
+    gains = (D[flips, choice[flips]] - D[flips, above[flips]]) / np.maximum(
+        S[flips, above[flips]] - S[flips, choice[flips]], 1e-300)
+    size = total(choice)
+    for i in flips[np.argsort(-gains, kind="stable")]:
+        extra = S[i, above[i]] - S[i, choice[i]]
+        if size + extra > budget:
+            break
+        choice[i] = above[i]
+        size += extra
+    return Allocation(choice, total(choice), float(D[rows, choice].sum()), hi)
+
+
+@dataclasses.dataclass
+class RDPlan:
+    """A mixed-precision plan and what the curves predict for it.
+
+    Attributes:
+      distortion: the measure the plan minimises (``"mse"`` or ``"mse+ssim"``).
+      weight_bits: layer → bits (shared weights), or layer → bits per group.
+      act_bits: activation site → bits per group.
+      per_group_weights: whether weights are chosen per group.
+      weight_size / weight_budget: total weight storage (bits) and its budget.
+      act_size / act_budget: per group, activation size (values × bits) and budget.
+      predicted: per group, the sum of the chosen curve points (eq. 5).
+    """
+
+    distortion: str
+    weight_bits: dict[str, Any]
+    act_bits: dict[str, tuple[int, ...]]
+    per_group_weights: bool
+    weight_size: float
+    weight_budget: float
+    act_size: list[float]
+    act_budget: float
+    predicted: list[float]
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "act_bits": {k: list(v) for k, v in self.act_bits.items()},
+                "weight_bits": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.weight_bits.items()}}
+
+
+def weight_budget(curves: RDCurves, w_bits: float) -> float:
+    """Storage of all weight sites at ``w_bits`` (linear between integer widths)."""
+    total = 0.0
+    for c in curves.of_kind("weight"):
+        bits = np.asarray(c.bits, np.float64)
+        if not bits.min() <= w_bits <= bits.max():
+            raise ConfigError(f"--w-bits {w_bits} is outside the candidate widths {c.bits[0]}..{c.bits[-1]}")
+        total += float(np.interp(w_bits, bits, c.sizes))
+    return total
+
+
+def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distortion: str = "mse",
+                  per_group_weights: bool = False) -> RDPlan:
+    """Choose every site's bits from the curves for average ``w_bits`` / ``a_bits``.
+
+    Weights: budget :func:`weight_budget`; shared weights are chosen on the sum over
+    groups of their distortion, per-group weights on each group's curve with all
+    copies in the one budget. Activations (``a_bits`` not ``None``): per group, budget
+    ``a_bits × Σ values``, on that group's curves.
+    """
+    if distortion not in DISTORTIONS:
+        raise ConfigError(f"unknown distortion {distortion!r}; choose one of {', '.join(DISTORTIONS)}")
+    G = curves.groups
+    wc = curves.of_kind("weight")
+    dist = {k: curves.distortion(k, distortion) for k in curves.curves}
+    budget_w = weight_budget(curves, w_bits)
+    predicted = np.zeros(G)
+    if per_group_weights:
+        alloc = allocate([(c.sizes, dist[c.site.key][g]) for c in wc for g in range(G)], budget_w)
+        ch = alloc.choice.reshape(len(wc), G)
+        weight_bits = {c.site.name: tuple(int(c.bits[j]) for j in ch[i]) for i, c in enumerate(wc)}
+        for i, c in enumerate(wc):
+            predicted += dist[c.site.key][np.arange(G), ch[i]]
+    else:
+        alloc = allocate([(c.sizes, dist[c.site.key].sum(axis=0)) for c in wc], budget_w)
+        weight_bits = {c.site.name: int(c.bits[j]) for c, j in zip(wc, alloc.choice)}
+        for c, j in zip(wc, alloc.choice):
+            predicted += dist[c.site.key][:, j]
+    ac = curves.of_kind("act")
+    act_bits: dict[str, list[int]] = {c.site.name: [] for c in ac}
+    act_size, budget_a = [], 0.0
+    if a_bits is not None and ac:
+        budget_a = float(a_bits) * sum(c.site.numel for c in ac)
+        for g in range(G):
+            a = allocate([(c.sizes, dist[c.site.key][g]) for c in ac], budget_a)
+            act_size.append(a.size)
+            for c, j in zip(ac, a.choice):
+                act_bits[c.site.name].append(int(c.bits[j]))
+                predicted[g] += dist[c.site.key][g, j]
+    return RDPlan(distortion, weight_bits, {k: tuple(v) for k, v in act_bits.items() if v}, per_group_weights,
+                  alloc.size, budget_w, act_size, budget_a, predicted.tolist())
+
+
+# --------------------------------------------------------------------------- quantized models and checks
+
+
+def quantize_rd(problem: RDProblem, plan: RDPlan) -> dict:
+    """The quantized parameter tree of a plan (same containers as uniform quantization).
+
+    Weights become :class:`UniformWeight` at their planned bits (layers not in the
+    plan stay float); planned activation sites get an :class:`ActQuant` with per-group
+    bits; attentions whose q, k, v are all planned also get ``probs_quant`` at
+    :meth:`RDProblem.probs_bits`.
+    """
+    if plan.per_group_weights:
+        raise ConfigError("a plan with per-group weight copies cannot be written as one model yet; "
+                          "plan with shared weights (per_group_weights=False)")
+    params = apply_plan(problem.model.params, dict(plan.weight_bits),
+                        lambda name, k, bits: problem.weight_quant(name, bits))
+    if problem.acts is None:
+        return params
+    by_name = {s.name: s for s in problem.act_sites if s.kind == "act"}
+    todo = [(by_name[n], b) for n, b in plan.act_bits.items()]
+    for s in problem.act_sites:
+        if s.kind != "probs":
+            continue
+        base = s.name.rpartition(".")[0]
+        ops = {n: plan.act_bits[n] for n in (f"{base}.q", f"{base}.k", f"{base}.v") if n in plan.act_bits}
+        if len(ops) == 3:
+            todo.append((s, [problem.probs_bits(ops, s)] * problem.groups))
+    for s, bits in todo:
+        node = params
+        for k in s.node:
+            node = node[k]
+        node[s.leaf] = problem.act_quantizer(s, bits)
+    return params
+
+
+def measure_distortion(problem: RDProblem, params: dict) -> np.ndarray:
+    """``[G, 2]`` group sums of (err², 1−SSIM) of any parameter tree of the model.
+
+    Goes through the ordinary forward pass (quantized containers, each group's
+    activation quantizers selected by :func:`at_timestep_group`); compiles for the
+    tree's structure. Turn the sums into distortions with :func:`group_distortion`.
+    """
+    module, ssim_cfg = problem.model.module, problem.config.ssim
+
+    @xla.jit
+    def stats(p, g, x, t, y, ref):
+        return output_stats(module.apply({"params": at_timestep_group(p, g)}, x, t, y), ref, ssim_cfg)
+
+    inp = problem.inputs
+    acc = np.zeros((problem.groups, 2))
+    bs = problem.config.batch_size
+    for g in range(problem.groups):
+        idx = np.flatnonzero(inp.group == g)
+        for i in range(0, len(idx), bs):
+            j = idx[i:i + bs]
+            st = stats(params, jnp.int32(g), jnp.asarray(inp.x[j]), jnp.asarray(inp.t[j]),
+                       None if inp.y is None else jnp.asarray(inp.y[j]), jnp.asarray(inp.ref[j]))
+            acc[g] += np.asarray(st).sum(axis=0)
+    return acc
+
+
+def group_distortion(curves: RDCurves, sums: np.ndarray, kind: str = "mse") -> np.ndarray:
+    """``[G]`` distortions from ``[G, 2]`` sums of :func:`measure_distortion` / joint runs."""
+    return distortion(kind, sums[:, 0], curves.ref2, sums[:, 1], curves.count)
+
+
+def joint_distortion(problem: RDProblem, curves: RDCurves, weight_bits: dict[str, int],
+                     act_bits: dict[str, Sequence[int]], kind: str = "mse") -> np.ndarray:
+    """``[G]`` measured distortion with the given sites quantized together (one compile for all plans)."""
+    return group_distortion(curves, _evaluator(problem).joint(weight_bits, act_bits), kind)
+
+
+def predicted_distortion(curves: RDCurves, weight_bits: dict[str, int], act_bits: dict[str, Sequence[int]],
+                         kind: str = "mse") -> np.ndarray:
+    """``[G]`` sum of the single-site curve points of a plan (the right side of eq. 5)."""
+    out = np.zeros(curves.groups)
+    for name, b in weight_bits.items():
+        c = curves.curves[f"weight:{name}"]
+        out += curves.distortion(c.site.key, kind)[:, c.bits.index(int(b))]
+    for name, bits in act_bits.items():
+        c = curves.curves[f"act:{name}"]
+        d = curves.distortion(c.site.key, kind)
+        out += np.asarray([d[g, c.bits.index(int(b))] for g, b in enumerate(bits)])
+    return out
+
+
+@dataclasses.dataclass
+class Additivity:
+    """Measured vs predicted distortion of random plans (the seed's Figure 1).
+
+    Attributes:
+      measured / predicted: ``[P, G]``.
+      r2: coefficient of determination of ``measured ≈ predicted`` (the identity
+        line, not a fitted one) over all points.
+      r2_log: the same on log10 values.
+      pearson_r2: squared correlation.
+    """
+
+    measured: np.ndarray
+    predicted: np.ndarray
+    r2: float
+    r2_log: float
+    pearson_r2: float
+
+    def to_json(self) -> dict:
+        return {"measured": self.measured.tolist(), "predicted": self.predicted.tolist(), "r2": self.r2,
+                "r2_log": self.r2_log, "pearson_r2": self.pearson_r2}
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    ss = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - float(np.sum((y - pred) ** 2)) / ss if ss > 0 else float("nan")
+
+
+def additivity_check(problem: RDProblem, curves: RDCurves, num_plans: int = 16, kind: str = "mse",
+                     seed: int = 0, progress: bool = True) -> Additivity:
+    """Measure random plans jointly and compare with the sum of their curve points.
+
+    Each plan quantizes a random fraction (10–100 %) of the sites with the curves, at
+    random candidate widths (activations: per group), so the points span small to
+    large distortions.
+    """
+    rng = np.random.default_rng(seed)
+    wc, ac = curves.of_kind("weight"), curves.of_kind("act")
+    meas, pred = [], []
+    for _ in tqdm(range(num_plans), desc="additivity", unit="plan", disable=not progress):
+        frac = rng.uniform(0.1, 1.0)
+        wb = {c.site.name: int(rng.choice(c.bits)) for c in wc if rng.random() < frac}
+        ab = {c.site.name: tuple(int(rng.choice(c.bits)) for _ in range(curves.groups)) for c in ac
+              if rng.random() < frac}
+        meas.append(joint_distortion(problem, curves, wb, ab, kind))
+        pred.append(predicted_distortion(curves, wb, ab, kind))
+    m, p = np.asarray(meas), np.asarray(pred)
+    pos = (m > 0) & (p > 0)
+    r2_log = _r2(np.log10(m[pos]), np.log10(p[pos])) if pos.sum() > 1 else float("nan")
+    pearson = float(np.corrcoef(m.ravel(), p.ravel())[0, 1] ** 2) if m.size > 1 else float("nan")
+    return Additivity(m, p, _r2(m.ravel(), p.ravel()), r2_log, pearson)
+
+
+# --------------------------------------------------------------------------- the whole method
+
+
+@dataclasses.dataclass
+class RDResult:
+    """What :func:`quantize_model_rd` produced."""
+
+    params: dict
+    plan: RDPlan
+    curves: RDCurves
+    measured: list[float]          # per group, the quantized model's distortion
+    additivity: Additivity | None
+    files: dict[str, str]
+
+
+def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
+                      weights: WeightQuantConfig | None = None, acts: ActQuantConfig | None = None,
+                      rules: Sequence[Rule] | None = None, config: CurveConfig = CurveConfig(),
+                      distortion: str = "mse", out_dir: str | os.PathLike | None = None,
+                      additivity_plans: int = 16, plots: bool = True, progress: bool = True) -> RDResult:
+    """Rate–distortion mixed precision end to end: curves → plan → quantized params.
+
+    Args:
+      model, calib: the float model and its calibration.
+      w_bits: average weight bits (the storage of all quantized layers at ``w_bits``).
+      a_bits: average activation bits (``None``: activations stay float).
+      weights, acts, rules, config: see :class:`RDProblem` and :class:`CurveConfig`.
+      distortion: ``"mse"`` or ``"mse+ssim"`` (:mod:`jaxquant.search.distortion`).
+      out_dir: curves (resumable), ``plan.json``, ``report.json``/``report.md`` and the
+        plots go here (``None``: nothing is written).
+      additivity_plans: random plans of the additivity check (0: skip it).
+      plots: write PNG plots to ``out_dir``.
+    """
+    if a_bits is not None and acts is None:
+        acts = ActQuantConfig(bits=int(round(min(max(a_bits, 4), 8))))
+    problem = RDProblem(model, calib, weights, acts if a_bits is not None else None, rules, config)
+    curves = compute_curves(problem, out_dir, progress=progress)
+    plan = allocate_plan(curves, w_bits, a_bits, distortion)
+    params = quantize_rd(problem, plan)
+    measured = group_distortion(curves, measure_distortion(problem, params), distortion)
+    add = additivity_check(problem, curves, additivity_plans, distortion, progress=progress) \
+        if additivity_plans > 0 else None
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        files["plan"] = str(out / "plan.json")
+        _save_json(out / "plan.json", plan.to_json())
+        report = {"distortion": distortion, "w_bits": w_bits, "a_bits": a_bits, "groups": curves.groups,
+                  "predicted": plan.predicted, "measured": measured.tolist(),
+                  "weight_size_bits": plan.weight_size, "weight_budget_bits": plan.weight_budget,
+                  "act_size": plan.act_size, "act_budget": plan.act_budget,
+                  "additivity": add.to_json() if add is not None else None}
+        if plots:
+            from jaxquant.search import plots as P
+
+            files["curves_plot"] = str(P.plot_curves(curves, out / "curves.png", distortion))
+            files["allocation_plot"] = str(P.plot_allocation(plan, curves, out / "allocation.png"))
+            if add is not None:
+                files["additivity_plot"] = str(P.plot_additivity(add, out / "additivity.png"))
+        report["files"] = dict(files)
+        _save_json(out / "report.json", report)
+        files["report"] = str(out / "report.md")
+        (out / "report.md").write_text(format_report(report) + "\n")
+    return RDResult(params, plan, curves, measured.tolist(), add, files)
+
+
+def format_report(report: dict) -> str:
+    """A short Markdown summary of :func:`quantize_model_rd`'s ``report.json``."""
+    lines = [f"# Rate–distortion mixed precision ({report['distortion']})", "",
+             f"- target: W{report['w_bits']} A{report['a_bits'] if report['a_bits'] is not None else '-float'} "
+             f"average bits, {report['groups']} timestep group(s)",
+             f"- weight storage: {report['weight_size_bits']:.0f} of {report['weight_budget_bits']:.0f} bits allowed"]
+    if report["act_size"]:
+        used = ", ".join(f"{s / max(report['act_budget'], 1):.3f}" for s in report["act_size"])
+        lines.append(f"- activation size / budget per group: {used}")
+    lines.append("- distortion per group, predicted (sum of single-site curves) vs measured (quantized model):")
+    for g, (p, m) in enumerate(zip(report["predicted"], report["measured"])):
+        lines.append(f"  - group {g}: predicted {p:.4g}, measured {m:.4g}")
+    add = report.get("additivity")
+    if add:
+        n = len(add["measured"])
+        lines.append(f"- additivity over {n} random plans: R² = {add['r2']:.4f} (identity line), "
+                     f"R² of log10 = {add['r2_log']:.4f}, squared correlation = {add['pearson_r2']:.4f}")
+    for k, v in (report.get("files") or {}).items():
+        lines.append(f"- {k}: `{Path(v).name}`")
+    return "\n".join(lines)

@@ -1,0 +1,321 @@
+"""Whole-model additive quantization: per-layer planning under a bit budget, the AQ flow
+with block fine-tuning, resuming after a kill, the cin256-v2 bit counts and the CLI.
+
+A tiny UNet2DModel (random weights, norms and biases perturbed) keeps this file fast; the
+AQ runs quantize the time embedding, ``down_blocks.1`` and ``mid_block`` (two blocks, few
+distinct layer shapes, so few compilations) and keep the rest float.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant
+from jaxquant import cli
+from jaxquant.calib import CalibConfig, calibrate
+from jaxquant.calib.calibration import save_calibration
+from jaxquant.diffusion import ScheduleConfig
+from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
+from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
+from jaxquant.quant import aq_model
+from jaxquant.quant.accounting import storage_report
+from jaxquant.quant.activation import ActQuant
+from jaxquant.quant.additive import AQWeight, aq_bits_per_weight, relative_error
+from jaxquant.quant.aq_model import (AQConfig, block_of, block_output_error, block_units, finetune_block,
+                                     plan_aq_configs, plan_bits, plan_table, preset_config, preset_plan,
+                                     proxy_distortion, quantize_aq)
+from jaxquant.quant.quantize import ActQuantConfig
+from jaxquant.quant.rules import Rule, layer_kernels
+
+TINY = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 16],
+    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": None,
+    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
+}
+QUANTIZED = r"time_embedding\.linear_2|(down_blocks\.1|mid_block)\..*"
+RULES = [Rule(QUANTIZED, "auto"), Rule(r".*", None)]
+TARGET = 3.0
+SETTINGS = dict(rules=RULES, beam_size=2, finetune_lr=1e-3, finetune_batch=4, key=0, progress=False)
+FT_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = UNet2DConfig.from_dict(TINY)
+    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+    d = tmp_path_factory.mktemp("aq") / "tiny"
+    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()), params)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return jaxquant.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    return calibrate(model, CalibConfig(num_samples=4, steps=2, groups=2, batch_size=4, reservoir=256),
+                     progress=False)
+
+
+@pytest.fixture(scope="module")
+def result(model, calib):
+    return quantize_aq(model, calib, TARGET, ActQuantConfig(bits=8), finetune_steps=FT_STEPS, **SETTINGS)
+
+
+def _leaves_equal(a, b) -> bool:
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    return ta == tb and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+SHAPES = {"big_conv": (3, 3, 256, 256), "wide_dense": (512, 512), "mid_conv": (3, 3, 32, 64),
+          "small_dense": (16, 16), "shortcut": (1, 1, 64, 32)}
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0, 4.0])
+def test_plan_meets_the_budget_and_small_layers_get_small_codebooks(target):
+    plan = plan_aq_configs(SHAPES, target)
+    avg = plan_bits(SHAPES, plan)
+    assert avg <= target and avg > target - 0.05  # the budget is spent, not exceeded
+    for name, cfg in plan.items():
+        assert cfg.fits(SHAPES[name])
+    # Codebook storage per weight: cheap for the big layer, the small layer cannot afford 2^8 entries.
+    book = {n: 16 * c.num_codebooks * 2 ** c.nbits * c.group_size / np.prod(SHAPES[n]) for n, c in plan.items()}
+    assert book["big_conv"] < 0.1 and plan["big_conv"].nbits >= 7  # large codebooks where they are cheap
+    assert plan["small_dense"].nbits < 8 and plan["shortcut"].nbits < 8
+    assert book["small_dense"] > book["big_conv"]
+    assert "average" in plan_table(SHAPES, plan)
+
+
+def test_plan_is_monotone_infeasible_budgets_fail_and_fixed_configs_count():
+    def cost(plan):
+        return sum(np.prod(SHAPES[n]) * proxy_distortion(c, SHAPES[n]) for n, c in plan.items())
+
+    costs = [cost(plan_aq_configs(SHAPES, t)) for t in (1.5, 2.0, 3.0, 4.0)]
+    assert all(a > b for a, b in zip(costs, costs[1:]))
+    with pytest.raises(ConfigError, match="infeasible"):
+        plan_aq_configs({"small_dense": (16, 16)}, 1.0)
+    fixed = {"big_conv": AQConfig(4, 8, 9)}
+    plan = plan_aq_configs(SHAPES, 3.0, fixed=fixed)
+    assert plan["big_conv"] == AQConfig(4, 8, 9) and plan_bits(SHAPES, plan) <= 3.0
+    with pytest.raises(ConfigError, match="does not fit"):
+        plan_aq_configs(SHAPES, 3.0, fixed={"small_dense": AQConfig(1, 8, 9)})
+    # A candidate list: each layer only takes the entries that fit it.
+    plan = plan_aq_configs(SHAPES, 4.0, [AQConfig(1, 4, 4), AQConfig(2, 8, 8), AQConfig(2, 8, 9)])
+    assert set(plan.values()) <= {AQConfig(1, 4, 4), AQConfig(2, 8, 8), AQConfig(2, 8, 9)}
+
+
+def test_presets_are_the_papers_configurations():
+    assert preset_config((3, 3, 192, 192), "W2") == AQConfig(2, 8, 9)
+    assert preset_config((3, 3, 192, 192), "W4") == AQConfig(4, 8, 9)
+    assert preset_config((512, 192), "W2") == AQConfig(2, 8, 8)
+    assert preset_config((1, 1, 192, 384), "W4") == AQConfig(4, 8, 8)
+    # ANCHORS: a 192→192 3×3 conv costs 2.01 (2x8 g9) and 4.01 (4x8 g9) bits per weight.
+    shape = (3, 3, 192, 192)
+    for preset, want in (("W2", 2.01), ("W4", 4.01)):
+        c = preset_config(shape, preset)
+        assert aq_bits_per_weight(192, 9 * 192, c.num_codebooks, c.nbits, c.group_size) == pytest.approx(want, abs=5e-3)
+        assert plan_bits({"c": shape}, {"c": c}) == pytest.approx(want, abs=5e-3)
+    with pytest.raises(ConfigError, match="unknown AQ preset"):
+        preset_plan({"c": shape}, "W3")
+    assert AQConfig.parse("2x8 g9") == AQConfig(2, 8, 9)
+
+
+def test_cin256_preset_bits_match_the_paper():
+    from benchmarks.aq_bits_cin256 import PAPER_BITS, TOLERANCE, preset_bits
+
+    res = preset_bits()
+    for preset, paper in PAPER_BITS.items():
+        r = res[preset]
+        assert abs(r["unet_rest_fp16"] - paper) <= TOLERANCE, (preset, r)
+        assert r["aq_layers_stored"] < r["unet_rest_fp16"] < r["unet_rest_fp32"]
+    assert res["W2"]["unet_params"] == 400_920_579
+
+
+def test_block_names():
+    assert block_of("down_blocks.1.resnets.0.conv1") == "down_blocks.1"
+    assert block_of("mid_block.attentions.0.to_q") == "mid_block"
+    assert block_of("up_blocks.0.upsamplers.0.conv") == "up_blocks.0"
+    assert block_of("input_blocks.4.1.transformer_blocks.0.attn1.to_q") == "input_blocks.4"
+    assert block_of("unet.output_blocks.11.0.in_layers.2") == "unet.output_blocks.11"
+    assert block_of("unet.middle_block.1.proj_in") == "unet.middle_block"
+    for outside in ("time_embedding.linear_1", "conv_in", "input_blocks.0.0", "unet.time_embed.0", "out.2"):
+        assert block_of(outside) is None
+
+
+# --------------------------------------------------------------------------- whole-model AQ
+
+
+def test_result_meets_the_budget_exactly_as_stored(model, result):
+    kernels = layer_kernels(model.params)
+    assert sorted(result.plan) == sorted(n for n in kernels if block_of(n) in ("down_blocks.1", "mid_block")
+                                         or n == "time_embedding.linear_2")
+    assert plan_bits(kernels, result.plan) <= TARGET
+    rep = storage_report(result.params)
+    assert rep.bits_per_quantized_weight <= TARGET
+    # The plan's exact bit count is what is stored.
+    aq_bits = sum(layer.bits for layer in rep.quantized)
+    assert aq_bits == sum(c.stored_bits(kernels[n].shape) for n, c in result.plan.items())
+    got = layer_kernels(result.params)
+    for name, k in kernels.items():
+        if name in result.plan:
+            c = result.plan[name]
+            assert isinstance(got[name], AQWeight)
+            assert (got[name].num_codebooks, got[name].nbits, got[name].group_size) == \
+                (c.num_codebooks, c.nbits, c.group_size)
+        else:
+            np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(k))
+    # Activations at 8 bits on the quantized layers (and only there).
+    node = result.params["mid_block.resnets.0"]["conv1"]
+    assert isinstance(node["input_quant"], ActQuant) and node["input_quant"].bits == 8
+    assert "input_quant" not in result.params["conv_in"]  # (the CLI test samples from such a model)
+
+
+def test_layer_objectives_fall_and_block_finetuning_reduces_the_output_error(model, calib, result):
+    for r in result.layers:
+        assert r["objective"] <= r["objective_init"]
+        if r["objective_init"] > 1e-6:
+            assert r["objective"] < r["objective_init"], r
+    assert [b["block"] for b in result.blocks] == ["down_blocks.1", "mid_block"]
+    for b in result.blocks:
+        assert b["kept"] and b["error_after"] < b["error_before"]
+
+    # The same layers without fine-tuning or activation quantization.
+    base = quantize_aq(model, calib, TARGET, None, finetune_steps=0, **SETTINGS)
+    kernels = layer_kernels(model.params)
+    got = layer_kernels(base.params)
+    for r in base.layers[:4]:  # the recorded objective is the weighted error of the stored weight
+        assert relative_error(got[r["name"]], kernels[r["name"]], calib.xtx[r["name"]]) == \
+            pytest.approx(r["objective"], rel=1e-3, abs=1e-6)
+    assert block_output_error(model, base.params, base.params, "mid_block", calib, batch_size=4) == 0.0
+    before = block_output_error(model, base.params, model.params, "mid_block", calib, batch_size=4)
+    tuned, rec = finetune_block(model, base.params, model.params, "mid_block", calib, steps=8, lr=1e-3,
+                                batch_size=4)
+    after = block_output_error(model, tuned, model.params, "mid_block", calib, batch_size=4)
+    assert before > 0 and after < before
+    assert rec["error_before"] == pytest.approx(before, rel=1e-5)
+    assert rec["error_after"] == pytest.approx(after, rel=1e-5)
+    # Codes frozen; codebooks (float16) and the block's float parameters moved; other blocks untouched.
+    q0, q1 = layer_kernels(base.params), layer_kernels(tuned)
+    moved = False
+    for name in q0:
+        if block_of(name) == "mid_block":
+            np.testing.assert_array_equal(np.asarray(q0[name].codes), np.asarray(q1[name].codes))
+            assert q1[name].codebooks.dtype == jnp.float16
+            moved |= not np.array_equal(np.asarray(q0[name].codebooks), np.asarray(q1[name].codebooks))
+    assert moved
+    assert not np.array_equal(np.asarray(base.params["mid_block.resnets.0"]["norm1"]["scale"]),
+                              np.asarray(tuned["mid_block.resnets.0"]["norm1"]["scale"]))
+    assert _leaves_equal(base.params["down_blocks.1.resnets.0"], tuned["down_blocks.1.resnets.0"])
+    assert [u[0] for u in block_units(model.params, "mid_block")] == \
+        ["mid_block.attentions.0", "mid_block.resnets.0", "mid_block.resnets.1"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_identical_params(model, calib, result, tmp_path, monkeypatch):
+    progress = tmp_path / "progress"
+    real_quantize, real_finetune = aq_model.quantize_kernel, aq_model.finetune_block
+    calls = {"quantize": 0, "finetune": 0}
+
+    def run(kill_quantize_at=None, kill_finetune_at=None):
+        calls.update(quantize=0, finetune=0)
+
+        def quantize(*a, **k):
+            calls["quantize"] += 1
+            if calls["quantize"] == kill_quantize_at:
+                raise _Killed
+            return real_quantize(*a, **k)
+
+        def finetune(*a, **k):
+            calls["finetune"] += 1
+            if calls["finetune"] == kill_finetune_at:
+                raise _Killed
+            return real_finetune(*a, **k)
+
+        monkeypatch.setattr(aq_model, "quantize_kernel", quantize)
+        monkeypatch.setattr(aq_model, "finetune_block", finetune)
+        return quantize_aq(model, calib, TARGET, ActQuantConfig(bits=8), finetune_steps=FT_STEPS,
+                           progress_dir=progress, **SETTINGS)
+
+    n_layers = len(result.plan)
+    with pytest.raises(_Killed):  # killed while quantizing the 6th layer
+        run(kill_quantize_at=6)
+    assert len(list(progress.glob("layer-*.npz"))) == 5
+    with pytest.raises(_Killed):  # killed while fine-tuning the second block
+        run(kill_finetune_at=2)
+    assert calls["quantize"] == n_layers - 5 and len(list(progress.glob("block-*.npz"))) == 1
+    resumed = run()
+    assert calls == {"quantize": 0, "finetune": 1}
+    assert _leaves_equal(resumed.params, result.params)
+    timeless = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert timeless(resumed.layers) == timeless(result.layers)
+    assert timeless(resumed.blocks) == timeless(result.blocks)
+    with pytest.raises(CheckpointError, match="other settings"):
+        quantize_aq(model, calib, TARGET, None, finetune_steps=0, progress_dir=progress, **SETTINGS)
+
+
+def test_bad_arguments(model, calib):
+    with pytest.raises(ConfigError, match="exactly one"):
+        quantize_aq(model, calib, 2.0, plan={"conv_in": AQConfig(1, 4, 9)}, progress=False)
+    with pytest.raises(ConfigError, match="not in the model"):
+        quantize_aq(model, calib, plan={"nope": AQConfig(1, 4, 8)}, progress=False)
+    no_xtx = type(calib)(**{**calib.__dict__, "xtx": {}})
+    with pytest.raises(ConfigError, match="XᵀX"):
+        quantize_aq(model, no_xtx, 3.0, rules=RULES, progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsys):
+    cal = save_calibration(calib, tmp_path / "cal")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"- pattern: '{QUANTIZED}'\n  config: auto\n- pattern: '.*'\n  config: null\n")
+    q = tmp_path / "q"
+    argv = ["quantize", str(model_dir), "--method", "aq", "--w-bits", "3", "--a-bits", "8", "--calib", str(cal),
+            "--rules", str(rules), "--beam", "2", "--finetune-steps", "0", "--out", str(q)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "average" in out and "bits per quantized weight" in out
+    assert (tmp_path / "q.progress" / "progress.json").is_file()
+    meta = json.loads((q / "config.json").read_text())
+    assert json.dumps(meta).count('"aq"') >= 1
+    m = jaxquant.load(q)
+    kernels = layer_kernels(m.params)
+    assert isinstance(kernels["mid_block.resnets.0.conv1"], AQWeight)
+    rep = storage_report(m.params)
+    assert rep.bits_per_quantized_weight <= 3.0
+    assert cli.main(["info", str(q)]) == 0
+    info = capsys.readouterr().out
+    assert "AQ " in info and "per quantized weight" in info
+    npz = tmp_path / "s.npz"
+    assert cli.main(["sample", str(q), "--num", "2", "--steps", "2", "--batch-size", "2", "--out", str(npz)]) == 0
+    images = np.load(npz)["arr_0"]
+    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+    # The paper's W2 preset through the CLI (on one layer: 2x8 g8 codebooks are too big for this model).
+    one = tmp_path / "one.yaml"
+    one.write_text("- pattern: 'mid_block\\.attentions\\.0\\.to_q'\n  config: auto\n- pattern: '.*'\n  config: null\n")
+    argv2 = [*argv[:argv.index("--rules")], "--rules", str(one), "--beam", "2", "--aq-preset", "W2", "--a-bits", "none",
+             "--out", str(tmp_path / "q2")]
+    assert cli.main(argv2) == 0
+    k2 = layer_kernels(jaxquant.load(tmp_path / "q2").params)
+    assert k2["mid_block.attentions.0.to_q"].describe() == "AQ 2x8 g8"
+    assert sum(isinstance(k, AQWeight) for k in k2.values()) == 1

@@ -1,0 +1,395 @@
+"""Rate–distortion mixed precision: SSIM, Lagrangian allocation, curves, plans, CLI.
+
+One tiny random UNet2DModel; only the mid block is quantized (rules), so the curves
+cover 10 weight layers, their 10 inputs and one attention's q/k/v, measured on two
+timestep groups.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+import jaxquant
+from jaxquant import cli
+from jaxquant.calib import CalibConfig, calibrate, load_calibration
+from jaxquant.calib.calibration import save_calibration
+from jaxquant.diffusion import ScheduleConfig
+from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.io.model_dir import ModelDirMeta, load_model_dir, save_model_dir
+from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
+from jaxquant.quant import serialize
+from jaxquant.quant.accounting import storage_report
+from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant
+from jaxquant.quant.quantize import ActQuantConfig
+from jaxquant.quant.rules import FIRST_LAST_LAYERS, Rule
+from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig
+from jaxquant.search import distortion as dist
+from jaxquant.search import plots, rd
+
+TINY = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": None,
+    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
+}
+WCFG = WeightQuantConfig(clip_search=4)  # a short clipping search keeps the test fast
+RULES = [Rule(FIRST_LAST_LAYERS, None), Rule(r"mid_block\..*", WCFG), Rule(r".*", None)]
+RULES_YAML = "- pattern: 'mid_block\\..*'\n  config: {clip_search: 4}\n- pattern: '.*'\n  config: null\n"
+ACFG = ActQuantConfig(bits=8)
+CCFG = rd.CurveConfig(inputs_per_group=3, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """``(model, calibration, calibration dir, problem, curves, curves dir)``."""
+    root = tmp_path_factory.mktemp("rd")
+    cfg = UNet2DConfig.from_dict(TINY)
+    module = UNet2DModel(cfg)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                                jnp.zeros((1,), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    mdir = save_model_dir(root / "tiny", ModelDirMeta("unet2d", cfg.to_dict(),
+                                                      ScheduleConfig(num_train_timesteps=100).to_dict()), params)
+    model = jaxquant.load(mdir)
+    # The calibration settings of test_quant_uniform (compiles are shared through the cache).
+    calib = calibrate(model, CalibConfig(num_samples=8, steps=4, groups=2, batch_size=4, reservoir=512, xtx=False),
+                      progress=False)
+    save_calibration(calib, root / "calib")
+    calib = load_calibration(root / "calib")
+    problem = rd.RDProblem(model, calib, WCFG, ACFG, RULES, CCFG)
+    curves = rd.compute_curves(problem, root / "curves", progress=False)
+    return model, calib, root / "calib", problem, curves, root / "curves"
+
+
+# --------------------------------------------------------------------------- SSIM
+
+
+@pytest.mark.parametrize("gaussian,sample_cov,win", [(False, True, 7), (False, False, 5), (True, False, 7),
+                                                     (True, True, 7)])
+def test_ssim_matches_skimage(gaussian, sample_cov, win):
+    rng = np.random.default_rng(win + 10 * gaussian + sample_cov)
+    x = rng.standard_normal((3, 16, 13, 2))
+    y = 0.8 * x + 0.4 * rng.standard_normal(x.shape) + 0.1
+    data_range = rng.uniform(2, 6, (3, 2))
+    cfg = dist.SSIMConfig(win_size=win, gaussian=gaussian, sample_covariance=sample_cov)
+    ours = np.asarray(dist.ssim(x, y, data_range, cfg))
+    ref = np.array([[structural_similarity(x[i, ..., c], y[i, ..., c], data_range=data_range[i, c],
+                                           win_size=None if gaussian else win, gaussian_weights=gaussian,
+                                           use_sample_covariance=sample_cov) for c in range(2)] for i in range(3)])
+    np.testing.assert_allclose(ours, ref, atol=2e-6)
+    # Unbatched forms, and identical images.
+    assert float(dist.ssim(x[0, ..., 0], x[0, ..., 0], 1.0, cfg)) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(np.asarray(dist.ssim(x[1], y[1], 3.0, cfg)),
+                               [structural_similarity(x[1, ..., c], y[1, ..., c], data_range=3.0,
+                                                     win_size=None if gaussian else win, gaussian_weights=gaussian,
+                                                     use_sample_covariance=sample_cov) for c in range(2)], atol=2e-6)
+
+
+def test_output_stats_and_distortions():
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((4, 9, 9, 2)).astype(np.float32)
+    out = ref + 0.1 * rng.standard_normal(ref.shape).astype(np.float32)
+    st = np.asarray(dist.output_stats(jnp.asarray(out), jnp.asarray(ref)))
+    np.testing.assert_allclose(st[:, 0], np.sum((out - ref) ** 2, axis=(1, 2, 3)), rtol=1e-5)
+    sk = [np.mean([1 - structural_similarity(out[i, ..., c], ref[i, ..., c], data_range=np.ptp(ref[i, ..., c]))
+                   for c in range(2)]) for i in range(4)]
+    np.testing.assert_allclose(st[:, 1], sk, atol=3e-6)
+    ref2 = float(np.sum(ref.astype(np.float64) ** 2))
+    mse = dist.distortion("mse", st[:, 0].sum(), ref2, st[:, 1].sum(), 4)
+    assert mse == pytest.approx(np.sum((out - ref) ** 2) / ref2, rel=1e-5)
+    both = dist.distortion("mse+ssim", st[:, 0].sum(), ref2, st[:, 1].sum(), 4)
+    assert both == pytest.approx(mse + np.mean(sk), rel=1e-5)
+    # 1 − SSIM keeps its precision for tiny perturbations (float32 SSIM would round it away).
+    tiny = ref + 1e-4 * rng.standard_normal(ref.shape).astype(np.float32)
+    got = np.asarray(dist.dssim(tiny, ref, 4.0))
+    want = [[1 - structural_similarity(tiny[i, ..., c].astype(np.float64), ref[i, ..., c].astype(np.float64),
+                                       data_range=4.0) for c in range(2)] for i in range(4)]
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    with pytest.raises(ConfigError, match="unknown distortion"):
+        dist.distortion("psnr", 1, 1, 1, 1)
+    with pytest.raises(ConfigError, match="odd"):
+        dist.SSIMConfig(win_size=4)
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def _dp_optimum(sizes, dists, cap):
+    """Exact ``best[c]``: least total distortion with total (integer) size ≤ c, c = 0..cap."""
+    best = np.zeros(cap + 1)
+    for s, d in zip(sizes, dists):
+        new = np.full(cap + 1, np.inf)
+        for si, di in zip(s, d):
+            si = int(si)
+            if si <= cap:
+                new[si:] = np.minimum(new[si:], best[:cap + 1 - si] + di)
+        best = new
+    return np.minimum.accumulate(best)
+
+
+def _instance(rng, n, m, convex, unit):
+    sizes, dists = [], []
+    for _ in range(n):
+        if unit:  # sizes 1..m (bit widths of one weight)
+            s = np.arange(1, m + 1)
+        else:
+            s = np.cumsum(rng.integers(1, 6, m))
+        if convex:
+            drops = np.sort(rng.exponential(1.0, m - 1))[::-1] * (np.diff(s) if not unit else 1)
+            d = np.concatenate([[drops.sum()], drops.sum() - np.cumsum(drops)]) + rng.uniform(0, 0.1)
+            # convex in size: slopes decrease in magnitude along the curve
+            slopes = np.sort(rng.exponential(1.0, m - 1))[::-1]
+            d = np.concatenate([[0.0], -np.cumsum(slopes * np.diff(s))]) + 10.0
+        else:
+            d = rng.uniform(0, 5, m)  # any shape: non-monotone, non-convex
+        sizes.append(s.astype(float))
+        dists.append(d)
+    return sizes, dists
+
+
+@pytest.mark.parametrize("convex,unit", [(True, True), (True, False), (False, True), (False, False)])
+def test_lagrangian_allocation_is_optimal_at_its_own_size(convex, unit):
+    rng = np.random.default_rng(7 + 2 * convex + unit)
+    for trial in range(25):
+        n, m = int(rng.integers(2, 7)), int(rng.integers(2, 6))
+        sizes, dists = _instance(rng, n, m, convex, unit)
+        lo, hi = int(sum(s.min() for s in sizes)), int(sum(s.max() for s in sizes))
+        opt = _dp_optimum(sizes, dists, hi)
+        for budget in rng.integers(lo, hi + 1, 4):
+            a = rd.allocate(list(zip(sizes, dists)), float(budget))
+            chosen_s = sum(s[j] for s, j in zip(sizes, a.choice))
+            chosen_d = sum(d[j] for d, j in zip(dists, a.choice))
+            assert a.size == pytest.approx(chosen_s) and a.distortion == pytest.approx(chosen_d)
+            assert a.size <= budget
+            # On the lower convex hull: nothing of at most its size is better.
+            assert a.distortion <= opt[int(round(a.size))] + 1e-9
+            if convex and unit:  # equal steps on convex curves: the Lagrangian optimum is exact
+                assert a.distortion == pytest.approx(opt[budget], abs=1e-9)
+    with pytest.raises(ConfigError, match="infeasible bit budget"):
+        rd.allocate([(np.array([2.0, 3.0]), np.array([1.0, 0.0]))] * 3, 5.0)
+    big = rd.allocate([(np.array([2.0, 3.0, 4.0]), np.array([1.0, 0.5, 0.6]))], 100.0)
+    assert list(big.choice) == [1] and big.lam == 0.0  # unconstrained: least distortion
+
+
+# --------------------------------------------------------------------------- curves and plans
+
+
+def test_curves_sizes_and_shapes(setup):
+    _, _, _, problem, curves, _ = setup
+    kinds = [c.site.kind for c in curves.curves.values()]
+    assert kinds.count("weight") == 10 and kinds.count("act") == 13  # mid block: 10 layers, 10 inputs, q/k/v
+    assert {s.name for s in problem.sites if s.kind == "probs"} == {"mid_block.attentions.0.probs"}
+    for c in curves.of_kind("weight"):
+        d = curves.distortion(c.site.key)
+        assert d.shape == (2, 7) and np.all(d >= 0) and np.all(d[:, -1] < d[:, 0])
+        # Sizes are the accounting of the stored container at each width.
+        for b, size in zip(c.bits, c.sizes):
+            q = problem.weight_quant(c.site.name, b)
+            assert isinstance(q, UniformWeight) and q.bits == b
+            assert size == storage_report({"k": q}).total_bits
+    for c in curves.of_kind("act"):
+        assert list(c.sizes) == [c.site.numel * b for b in c.bits] and c.bits == rd.ACT_BITS
+        d = curves.distortion(c.site.key, "mse")
+        assert d.shape == (2, 5) and np.all(d[:, -1] < d[:, 0]) and np.all(c.dssim > -1e-6)
+    assert curves.count.tolist() == [3, 3]
+
+
+def test_single_site_plans_measure_their_curve_points(setup):
+    """A plan quantizing one site, run through the ordinary quantized forward pass
+    (UniformWeight / ActQuant with per-group bits), has exactly its curve point."""
+    _, _, _, problem, curves, _ = setup
+    w = curves.curves["weight:mid_block.resnets.0.conv1"]
+    # The activation whose 4-bit quantization hurts most, at 4 bits in group 0 and 5 in group 1.
+    a = max(curves.of_kind("act"), key=lambda c: curves.distortion(c.site.key)[:, 0].min())
+    for plan, (key, cols) in (
+        (rd.RDPlan("mse", {w.site.name: 3}, {}, False, 0, 0, [], 0, []), (w.site.key, [w.bits.index(3)] * 2)),
+        (rd.RDPlan("mse", {}, {a.site.name: (4, 5)}, False, 0, 0, [], 0, []), (a.site.key, [0, 1])),
+    ):
+        params = rd.quantize_rd(problem, plan)
+        sums = rd.measure_distortion(problem, params)
+        for kind in dist.DISTORTIONS:
+            want = curves.distortion(key, kind)[[0, 1], cols]
+            # Equal up to float32 rounding (the vmapped evaluation sums in another order).
+            np.testing.assert_allclose(rd.group_distortion(curves, sums, kind), want, rtol=1e-3)
+        other = curves.distortion(key)[[0, 1], [c + 1 for c in cols]]  # the next width is far off
+        assert np.all(np.abs(rd.group_distortion(curves, sums) / other - 1) > 0.05)
+    node = params
+    for k in a.site.node:
+        node = node[k]
+    assert node[a.site.leaf].bits == (4, 5) and not any(isinstance(v, UniformWeight) for v in node.values())
+
+
+def test_plan_meets_budgets_and_round_trips(setup, tmp_path):
+    model, _, _, problem, curves, _ = setup
+    plan = rd.allocate_plan(curves, 4, 6, "mse+ssim")
+    assert plan.weight_size <= plan.weight_budget and all(s <= plan.act_budget for s in plan.act_size)
+    uniform4 = sum(problem.weight_size(c.site.name, 4) for c in curves.of_kind("weight"))
+    assert plan.weight_budget == pytest.approx(uniform4)
+    np.testing.assert_allclose(plan.predicted, rd.predicted_distortion(curves, plan.weight_bits, plan.act_bits,
+                                                                      "mse+ssim"))
+    assert len(set(plan.weight_bits.values())) > 1  # mixed precision
+    params = rd.quantize_rd(problem, plan)
+    rep = storage_report(params)
+    assert sum(r.bits for r in rep.quantized) == plan.weight_size
+    # Per-group activation bits are stored (as "act" v2) and come back.
+    per_group = [k for k, v in plan.act_bits.items() if len(set(v)) > 1]
+    d = save_model_dir(tmp_path / "q", model.meta, params)
+    manifest = json.loads((d / "config.json").read_text())["quantization"]["layers"]
+    for site in problem.act_sites:
+        entry = manifest.get(".".join(site.node + (site.leaf,)))
+        if site.kind == "act":
+            bits = plan.act_bits[site.name]
+            assert entry["version"] == (2 if len(set(bits)) > 1 else 1)
+            assert entry["static"]["bits"] == (list(bits) if len(set(bits)) > 1 else bits[0])
+    _, loaded = load_model_dir(d)
+    x, t = jnp.asarray(problem.inputs.x[:3]), jnp.asarray(problem.inputs.t[:3])
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(loaded, x, t)),
+                                  np.asarray(jax.jit(model.apply)(params, x, t)))
+    assert per_group or all(len(set(v)) == 1 for v in plan.act_bits.values())
+    with pytest.raises(ConfigError, match="infeasible bit budget"):
+        rd.allocate_plan(curves, 2, 3)  # 3-bit activations are below every candidate
+    pg = rd.allocate_plan(curves, 8, None, per_group_weights=True)
+    assert pg.weight_size <= pg.weight_budget and all(len(v) == 2 for v in pg.weight_bits.values())
+    with pytest.raises(ConfigError, match="per-group weight copies"):
+        rd.quantize_rd(problem, pg)
+
+
+def test_joint_measurement_and_additivity(setup, tmp_path):
+    _, _, _, problem, curves, _ = setup
+    rng = np.random.default_rng(3)
+    wb = {c.site.name: int(rng.choice(c.bits)) for c in curves.of_kind("weight")}
+    ab = {c.site.name: (int(rng.choice(c.bits)), int(rng.choice(c.bits))) for c in curves.of_kind("act")}
+    plan = rd.RDPlan("mse", wb, ab, False, 0, 0, [], 0, [])
+    # The one-compile joint evaluator equals the real quantized model (probs quantizers included).
+    real = rd.group_distortion(curves, rd.measure_distortion(problem, rd.quantize_rd(problem, plan)))
+    np.testing.assert_allclose(rd.joint_distortion(problem, curves, wb, ab), real, rtol=1e-4)
+    add = rd.additivity_check(problem, curves, num_plans=4, progress=False)
+    assert add.measured.shape == add.predicted.shape == (4, 2)
+    assert np.all(add.measured > 0) and np.isfinite(add.r2) and add.pearson_r2 > 0.5
+    pngs = [plots.plot_additivity(add, tmp_path / "a.png"), plots.plot_curves(curves, tmp_path / "c.png"),
+            plots.plot_allocation(rd.allocate_plan(curves, 4, 6), curves, tmp_path / "p.png")]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_curves_resume_and_refuse_other_settings(setup, tmp_path, monkeypatch):
+    model, calib, _, problem, curves, _ = setup
+    keys = list(curves.curves)[:4]
+    calls = []
+    real = rd._evaluate_site
+
+    class Killed(Exception):
+        pass
+
+    def count_then_die(problem, site, *a):
+        calls.append(site.key)
+        if len(calls) == 3:
+            raise Killed
+        return real(problem, site, *a)
+
+    monkeypatch.setattr(rd, "_evaluate_site", count_then_die)
+    with pytest.raises(Killed):
+        rd.compute_curves(problem, tmp_path, only=keys, progress=False)
+    saved = json.loads((tmp_path / "curves.json").read_text())
+    assert list(saved["curves"]) == keys[:2]
+    calls.clear()
+    resumed = rd.compute_curves(problem, tmp_path, only=keys, progress=False)
+    assert calls == keys[2:]  # finished sites are skipped
+    for k in keys:
+        np.testing.assert_allclose(resumed.curves[k].err2, curves.curves[k].err2, rtol=1e-6)
+    other = rd.RDProblem(model, calib, WCFG, ActQuantConfig(bits=8, method="percentile"), RULES, CCFG)
+    with pytest.raises(CheckpointError, match="another model, calibration or settings"):
+        rd.compute_curves(other, tmp_path, only=keys[:1], progress=False)
+
+
+def test_activation_quantizer_with_per_group_bits():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+    aq = ActQuant(jnp.array([[0.02], [0.3]]), jnp.array([[128.0], [7.0]]), (8, 4))
+    assert aq.describe() == "act 8/4b x2 groups" and aq.group_bits == (8, 4)
+    f = jax.jit(lambda g, x: at_timestep_group({"q": aq}, g)["q"](x))
+    np.testing.assert_array_equal(np.asarray(f(0, x)), np.asarray(fake_quant(x, jnp.float32(0.02), 128.0, 255)))
+    np.testing.assert_array_equal(np.asarray(f(1, x)), np.asarray(fake_quant(x, jnp.float32(0.3), 7.0, 15)))
+    plain, manifest = serialize.to_storable({"l": {"input_quant": aq}})
+    assert manifest["layers"]["l.input_quant"]["version"] == 2
+    back = serialize.from_storable(plain, json.loads(json.dumps(manifest)))["l"]["input_quant"]
+    assert back.bits == (8, 4) and back.qmax is None
+    manifest["layers"]["l.input_quant"]["static"]["bits"] = [8, 4, 4]
+    with pytest.raises(CheckpointError, match="3 per-group bit widths for 2 timestep groups"):
+        serialize.from_storable(plain, manifest)
+
+
+def test_sharded_candidates_match_one_device(setup, tmp_path):
+    """With two (host) devices the candidate axis is sharded; the curves are the same."""
+    model, _, cdir, _, curves, _ = setup
+    keys = ["weight:mid_block.attentions.0.to_v", "act:mid_block.resnets.1.conv2"]
+    script = textwrap.dedent(f"""
+        import json, jax, numpy as np, jaxquant
+        from jaxquant.calib import load_calibration
+        from jaxquant.quant.quantize import ActQuantConfig
+        from jaxquant.quant.rules import FIRST_LAST_LAYERS, Rule
+        from jaxquant.quant.uniform import WeightQuantConfig
+        from jaxquant.search import rd
+        assert jax.device_count() == 2
+        w = WeightQuantConfig(clip_search=4)
+        rules = [Rule(FIRST_LAST_LAYERS, None), Rule(r"mid_block\\..*", w), Rule(r".*", None)]
+        p = rd.RDProblem(jaxquant.load({str(model.path)!r}), load_calibration({str(cdir)!r}), w,
+                         ActQuantConfig(bits=8), rules, rd.CurveConfig(inputs_per_group=3, batch_size=8))
+        c = rd.compute_curves(p, only={keys!r}, progress=False)
+        print(json.dumps({{k: v.err2.tolist() for k, v in c.curves.items()}}))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in keys:
+        np.testing.assert_allclose(got[k], curves.curves[k].err2, rtol=1e-5)
+
+
+def test_cli_rd_quantize_info_and_curves(setup, tmp_path, capsys):
+    model, _, cdir, _, curves, curves_dir = setup
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES_YAML)
+    cdir2 = tmp_path / "curves"
+    shutil.copytree(curves_dir, cdir2)  # same settings: the CLI resumes all sites
+    assert cli.main(["rd-curves", str(model.path), "--calib", str(cdir), "--rules", str(rules), "--rd-inputs", "3",
+                     "--out", str(cdir2)]) == 0
+    assert (cdir2 / "curves.png").is_file() and "10 weight and 13 activation sites" in capsys.readouterr().out
+    q = tmp_path / "q"
+    assert cli.main(["quantize", str(model.path), "--method", "rd", "--w-bits", "4", "--a-bits", "6",
+                     "--distortion", "mse+ssim", "--calib", str(cdir), "--rules", str(rules), "--rd-inputs", "3",
+                     "--curves", str(cdir2), "--rd-additivity", "2", "--out", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "additivity over 2 random plans" in out and "bits per quantized weight" in out
+    for f in ("plan.json", "report.json", "report.md", "allocation.png", "additivity.png"):
+        assert (cdir2 / f).is_file(), f
+    plan = json.loads((cdir2 / "plan.json").read_text())
+    assert plan == rd.allocate_plan(curves, 4, 6, "mse+ssim").to_json()
+    info = cli.info_report(str(q))
+    rows = {r["name"]: r for r in info["layers"]}
+    for layer, bits in plan["weight_bits"].items():
+        row = rows[layer + ".kernel"]
+        c = curves.curves["weight:" + layer]
+        assert row["config"].startswith(f"uniform {bits}b") and row["bits"] == c.sizes[c.bits.index(bits)]
+    assert info["totals"]["quantized_bits"] == plan["weight_size"] <= plan["weight_budget"]
+    assert rows["mid_block.attentions.0.probs_quant"]["config"].startswith("act 16b")
+    loaded = jaxquant.load(q)
+    meta = loaded.meta.extra["quantized"]
+    assert meta["method"] == "rd" and meta["weight_bits"] == plan["weight_bits"]
+    problem = setup[3]
+    for s in problem.act_sites:
+        if s.kind == "act":
+            node = loaded.params
+            for k in s.node:
+                node = node[k]
+            assert list(node[s.leaf].group_bits) == plan["act_bits"][s.name]
+    assert cli.main(["sample", str(q), "--num", "2", "--steps", "2", "--batch-size", "2",
+                     "--out", str(tmp_path / "s.npz")]) == 0
