@@ -9,9 +9,12 @@ convolutions are faster on the machines we measured (DDIM-20 sampling of the
 ddpm-cifar10-32 config: 1.10× PyTorch instead of 0.74×, ``benchmarks/sampling_speed.py``,
 ``BENCHMARKS.md``), so their functions compile with ``xla_cpu_experimental_ynn_fusion_type``
 empty (no YNNPACK fusions): the option set ``"dense-conv"``, the default of :func:`jit`.
-Networks built on depthwise convolutions are the opposite case (EfficientNet-Lite0
-features: 2.6× slower without YNNPACK), so the feature networks and the metrics use the
-option set ``"xla-default"``. Results agree with the default path to float32 rounding
+The feature networks use it too: EfficientNet-Lite0 writes its depthwise convolutions
+as fused shifted multiply-adds (:func:`jaxquant.eval.efficientnet.depthwise_conv2d`;
+XLA's grouped convolutions were 6-13x slower with or without YNNPACK), after which it runs
+1.6x faster without YNNPACK, and the FID Inception-v3 1.9x. The metrics (distance blocks,
+matmuls) keep XLA's defaults: the option set ``"xla-default"``. Results agree with the
+default path to float32 rounding
 (about 1e-6 relative).
 
 The option is used only where it exists: the first compilation probes it once, and a
@@ -109,7 +112,7 @@ def jit(fun: Callable | None = None, /, *, options: str = "dense-conv", **kwargs
     Args:
       fun: the function.
       options: the option set, ``"dense-conv"`` (diffusion networks, the default) or
-        ``"xla-default"`` (XLA's own choices; depthwise-convolution networks, metrics).
+        ``"xla-default"`` (XLA's own choices; the metrics).
       **kwargs: the keyword arguments of :func:`jax.jit`; ``compiler_options`` given
         here override jaxquant's.
     """

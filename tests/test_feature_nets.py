@@ -453,3 +453,23 @@ def test_make_feature_net_with_own_apply_and_prepare():
 def test_bad_images_are_refused(bad, match):
     with pytest.raises(DataError, match=match):
         features.check_images(bad)
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 1, 9), (3, 2, 10), (5, 2, 9), (5, 1, 7)])
+def test_depthwise_conv_matches_grouped_convolution(k, stride, size):
+    from jax import lax
+
+    import jax.numpy as jnp
+
+    from jaxquant.eval.efficientnet import depthwise_conv2d
+    from jaxquant.eval.features import same_padding
+
+    rng = np.random.default_rng(k * 10 + stride)
+    x = jnp.asarray(rng.standard_normal((2, size, size + 1, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, 1, 6)), jnp.float32)
+    pad = (same_padding(size, k, stride), same_padding(size + 1, k, stride))
+    ref = lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=6, precision=lax.Precision.HIGHEST)
+    out = depthwise_conv2d(x, w, stride, pad)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

@@ -362,7 +362,7 @@ def make_feature_net(
     variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     fn = module.apply if apply_fn is None else apply_fn
 
-    @xla.jit(options="xla-default")  # depthwise convolutions: see jaxquant.xla
+    @xla.jit  # convolution networks: see jaxquant.xla
     def _run(v: Variables, images: jax.Array) -> dict[str, jax.Array]:
         return fn(v, prepare(images))
 
