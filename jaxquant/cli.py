@@ -337,13 +337,15 @@ def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
     from jaxquant.quant.rules import load_rules
     from jaxquant.quant.uniform import WeightQuantConfig
 
-    wcfg = WeightQuantConfig(bits=args.w_bits, symmetric=args.symmetric, group_size=args.group_size)
+    if args.w_bits != int(args.w_bits):
+        raise JaxquantError(f"--method uniform needs an integer --w-bits (got {args.w_bits}); aq and rd take averages")
+    wcfg = WeightQuantConfig(bits=int(args.w_bits), symmetric=args.symmetric, group_size=args.group_size)
     acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
     calib = _load_or_calibrate(args, model, xtx=False) if acfg.bits is not None else None
     params = quantize_uniform(model, calib, wcfg, acfg, rules)
     return params, {
-        "method": "uniform", "w_bits": args.w_bits, "a_bits": args.a_bits,
+        "method": "uniform", "w_bits": int(args.w_bits), "a_bits": args.a_bits,
         "timestep_groups": calib.config.groups if calib else None, "symmetric": args.symmetric,
         "group_size": args.group_size, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
         "rules": args.rules}
@@ -573,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="quantize weights (and activations) and write a model directory")
     qz.add_argument("model", help="model directory or shipped name")
     qz.add_argument("--method", default="uniform", choices=["uniform", "aq", "rd"])
-    qz.add_argument("--w-bits", type=int, default=4)
+    qz.add_argument("--w-bits", type=float, default=4,
+                    help="uniform: bits of every quantized weight (an integer); aq, rd: the average (e.g. 3.88)")
     qz.add_argument("--a-bits", type=lambda v: None if v in ("none", "32", "float") else int(v), default=8,
                     help="activation bits (4..8, or 'none' to keep activations float)")
     qz.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")

@@ -137,6 +137,21 @@ def _dp_optimum(sizes, dists, cap):
     return np.minimum.accumulate(best)
 
 
+def _hull_sizes(s, d):
+    """Sizes of the lower convex hull of one curve's (size, distortion) points, from its
+    smallest size up to its least-distortion point."""
+    pts = sorted(zip(s, d))
+    hull = []
+    for p in pts:
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
+            hull.pop()
+        hull.append(p)
+    # Keep the decreasing part: points beyond the least distortion are never chosen.
+    best = int(np.argmin([q[1] for q in hull]))
+    return np.array([q[0] for q in hull[:best + 1]])
+
+
 def _instance(rng, n, m, convex, unit):
     sizes, dists = [], []
     for _ in range(n):
@@ -145,8 +160,6 @@ def _instance(rng, n, m, convex, unit):
         else:
             s = np.cumsum(rng.integers(1, 6, m))
         if convex:
-            drops = np.sort(rng.exponential(1.0, m - 1))[::-1] * (np.diff(s) if not unit else 1)
-            d = np.concatenate([[drops.sum()], drops.sum() - np.cumsum(drops)]) + rng.uniform(0, 0.1)
             # convex in size: slopes decrease in magnitude along the curve
             slopes = np.sort(rng.exponential(1.0, m - 1))[::-1]
             d = np.concatenate([[0.0], -np.cumsum(slopes * np.diff(s))]) + 10.0
@@ -175,6 +188,15 @@ def test_lagrangian_allocation_is_optimal_at_its_own_size(convex, unit):
             assert a.distortion <= opt[int(round(a.size))] + 1e-9
             if convex and unit:  # equal steps on convex curves: the Lagrangian optimum is exact
                 assert a.distortion == pytest.approx(opt[budget], abs=1e-9)
+            # Within one step of the budget frontier: it leaves less than one step of a lower
+            # convex hull (the only points equal slopes can pick) unused, so it is at least as
+            # good as the optimum of a budget one step smaller.
+            step = max(np.diff(_hull_sizes(s, d)).max(initial=0) for s, d in zip(sizes, dists))
+            if a.lam == 0.0:  # the budget does not bind: every curve at its least distortion
+                assert a.distortion == pytest.approx(opt[hi], abs=1e-9)
+                continue
+            assert a.size >= budget - step - 1e-9
+            assert a.distortion <= opt[max(int(np.ceil(budget - step)), lo)] + 1e-9
     with pytest.raises(ConfigError, match="infeasible bit budget"):
         rd.allocate([(np.array([2.0, 3.0]), np.array([1.0, 0.0]))] * 3, 5.0)
     big = rd.allocate([(np.array([2.0, 3.0, 4.0]), np.array([1.0, 0.5, 0.6]))], 100.0)
@@ -255,7 +277,6 @@ def test_plan_meets_budgets_and_round_trips(setup, tmp_path):
     x, t = jnp.asarray(problem.inputs.x[:3]), jnp.asarray(problem.inputs.t[:3])
     np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(loaded, x, t)),
                                   np.asarray(jax.jit(model.apply)(params, x, t)))
-    assert per_group or all(len(set(v)) == 1 for v in plan.act_bits.values())
     with pytest.raises(ConfigError, match="infeasible bit budget"):
         rd.allocate_plan(curves, 2, 3)  # 3-bit activations are below every candidate
     pg = rd.allocate_plan(curves, 8, None, per_group_weights=True)

@@ -821,7 +821,7 @@ def allocate(curves: Sequence[tuple[Sequence[float], Sequence[float]]], budget: 
     for i in flips[np.argsort(-gains, kind="stable")]:
         extra = S[i, above[i]] - S[i, choice[i]]
         if size + extra > budget:
-            break
+            continue  # a smaller flip further down may still fit
         choice[i] = above[i]
         size += extra
     return Allocation(choice, total(choice), float(D[rows, choice].sum()), hi)
