@@ -197,7 +197,7 @@ def test_shipped_statistics_without_data(fake_fmnist, tmp_path, monkeypatch):
                                          progress=False)
     assert shipped.name == f"fashion-mnist-test-{NET}.npz"
     with np.load(shipped) as z:
-        assert "pool" not in z.files and "arr_0" not in z.files and z["sigma"].dtype == np.float64
+        assert "pool" not in z.files and "arr_0" not in z.files and z["sigma_triu"].dtype == np.float64
     full = ev.evaluate(samples, "fashion-mnist-test", NET, batch_size=BS, progress=False)
     assert "shipped" in full["reference_source"]
 

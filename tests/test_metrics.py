@@ -395,6 +395,28 @@ def test_reference_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
 
 
+def test_packed_reference_is_half_the_size_and_identical(tmp_path):
+    mu, sigma = _stats(40, 35)
+    mu_s, sigma_s = _stats(31, 36)
+    kw = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, feature_net="dinov2")
+    full = save_reference(tmp_path / "full.npz", **kw)
+    packed = save_reference(tmp_path / "packed.npz", packed=True, **kw)
+    with np.load(packed) as raw:
+        assert sorted(raw.files) == ["feature_net", "mu", "mu_s", "sigma_s_triu", "sigma_triu"]
+        assert raw["sigma_triu"].shape == (40 * 41 // 2,)
+    assert packed.stat().st_size < 0.6 * full.stat().st_size
+    a, b = load_reference(full), load_reference(packed)
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_array_equal(a[key], b[key])
+    bad = sigma.copy()
+    bad[0, 1] += 1.0
+    with pytest.raises(DataError, match="not symmetric"):
+        save_reference(tmp_path / "bad.npz", mu=mu, sigma=bad, packed=True)
+    np.savez(tmp_path / "short.npz", mu=mu, sigma_triu=np.zeros(7), feature_net=np.array("dinov2"))
+    with pytest.raises(DataError, match="packed upper triangle"):
+        load_reference(tmp_path / "short.npz")
+
+
 def test_reference_feature_net_mismatch_is_refused(tmp_path):
     mu, sigma = _stats(8, 32)
     path = save_reference(tmp_path / "ref.npz", mu=mu, sigma=sigma, feature_net="dinov2")

@@ -214,7 +214,8 @@ def _append_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
-def write_reference(path: PathLike, ref: Mapping[str, Any], *, include_pool: bool = True) -> Path:
+def write_reference(path: PathLike, ref: Mapping[str, Any], *, include_pool: bool = True,
+                    packed: bool = False) -> Path:
     """Write a :func:`compute_reference` result as a guided-diffusion ``.npz``.
 
     The statistics go through :func:`~jaxquant.eval.refbatch.save_reference` (float64,
@@ -222,7 +223,8 @@ def write_reference(path: PathLike, ref: Mapping[str, Any], *, include_pool: boo
     and by :func:`~jaxquant.eval.refbatch.load_reference`. Extra keys, ignored by
     both: ``num_images``, ``weights_sha256`` (when known) and, with ``include_pool``,
     ``pool`` (the float32 reference features used for precision / recall). Written
-    atomically.
+    atomically. ``packed`` stores the covariances as upper triangles
+    (:mod:`jaxquant.eval.refbatch`; half the size, jaxquant-only).
 
     Returns:
       The path written.
@@ -231,7 +233,7 @@ def write_reference(path: PathLike, ref: Mapping[str, Any], *, include_pool: boo
     tmp = out.with_name(out.name + ".partial")
     try:
         save_reference(tmp, mu=ref["mu"], sigma=ref["sigma"], mu_s=ref["mu_s"], sigma_s=ref["sigma_s"],
-                       feature_net=ref["feature_net"])
+                       feature_net=ref["feature_net"], packed=packed)
         extras: dict[str, np.ndarray] = {}
         if ref.get("num_images") is not None:
             extras[_NUM_KEY] = np.array(int(ref["num_images"]), dtype=np.int64)
@@ -400,9 +402,10 @@ def build_shipped_reference(
     in float64 (guided-diffusion's layout and precision, so shipped and locally
     computed statistics give the same numbers), ``feature_net``, ``num_images`` and
     ``weights_sha256``; no images and no pool features. Copy it to
-    :data:`SHIPPED_REFS_DIR`. Sizes: ``8 * (d + d^2)`` bytes per pair, i.e. ~2.1 MB for
-    ``fmnist`` (256 + 448 dims), ~28 MB for ``efficientnet-lite0`` (1280 + 1372), ~66
-    MB for ``inception`` (2048 + 2023).
+    :data:`SHIPPED_REFS_DIR`. Covariances are stored as packed upper triangles
+    (``8 * (d + d(d+1)/2)`` bytes per pair): ~1.1 MB for ``fmnist`` (256 + 448 dims),
+    ~14 MB for ``efficientnet-lite0`` (1280 + 1372), ~33 MB for ``inception`` (2048 +
+    2023).
 
     The statistics come from the user cache when it is valid, else from the data.
     Shipped statistics already in the package are not used as the source.
@@ -416,7 +419,7 @@ def build_shipped_reference(
     ref = _cached_or_computed(name, net, _weights_sha256(net), batch_size, progress)
     out = Path(out_dir) / f"{name}-{net.name}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_reference(out, ref, include_pool=False)
+    return write_reference(out, ref, include_pool=False, packed=True)
 
 
 def _path_reference(path: Path, net: FeatureNet, sha: Optional[str], batch_size: int, progress: bool) -> dict:
