@@ -414,3 +414,26 @@ def test_cli_rd_quantize_info_and_curves(setup, tmp_path, capsys):
             assert list(node[s.leaf].group_bits) == plan["act_bits"][s.name]
     assert cli.main(["sample", str(q), "--num", "2", "--steps", "2", "--batch-size", "2",
                      "--out", str(tmp_path / "s.npz")]) == 0
+
+
+def test_guided_models_are_measured_with_the_unconditional_label_too():
+    from types import SimpleNamespace
+
+    steps, n = 4, 3
+
+    def problem(cfg_scale):
+        calib = SimpleNamespace(inputs=np.arange(steps * n * 2, dtype=np.float32).reshape(steps, n, 2),
+                                timesteps=np.array([90, 60, 30, 0]), step_groups=[0, 0, 1, 1],
+                                labels=np.array([3, 1, 2]), config=SimpleNamespace(cfg_scale=cfg_scale))
+        model = SimpleNamespace(is_class_conditional=True, network_config=SimpleNamespace(unconditional_label=10))
+        return SimpleNamespace(calib=calib, groups=2, config=rd.CurveConfig(inputs_per_group=2), model=model,
+                               _forward_float=lambda x, t, y: x * 0)
+
+    plain = rd.RDProblem._select_inputs(problem(1.0))
+    assert len(plain.x) == 4 and set(plain.y) <= {1, 2, 3}
+    guided = rd.RDProblem._select_inputs(problem(3.0))
+    assert len(guided.x) == 8
+    np.testing.assert_array_equal(guided.x[:4], plain.x)
+    np.testing.assert_array_equal(guided.x[4:], plain.x)
+    np.testing.assert_array_equal(guided.y[:4], plain.y)
+    assert list(guided.y[4:]) == [10] * 4 and list(guided.group) == list(plain.group) * 2

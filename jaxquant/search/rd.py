@@ -111,7 +111,8 @@ class CurveConfig:
     Attributes:
       weight_bits / act_bits: candidate bit widths.
       inputs_per_group: calibration inputs ``(x_t, t)`` drawn per timestep group (the
-        seed uses 50 images in all).
+        seed uses 50 images in all); for a guided class-conditional model each is used
+        twice, with its class and with the unconditional label, as guided sampling does.
       batch_size: samples per call (times the candidates of a site: the memory bound).
       seed: which calibration inputs are drawn.
       ssim: SSIM settings of the ``"mse+ssim"`` distortion.
@@ -254,6 +255,11 @@ class RDProblem:
         t = np.asarray(c.timesteps)[pairs[:, 0]].astype(np.int32)
         y = np.asarray(c.labels)[pairs[:, 1]].astype(np.int32) if self.model.is_class_conditional else None
         group = np.asarray(c.step_groups)[pairs[:, 0]].astype(np.int32)
+        null = getattr(self.model.network_config, "unconditional_label", None)
+        if y is not None and c.config.cfg_scale != 1.0 and null is not None:
+            # Guided sampling also runs the model on the unconditional label: measure both.
+            x, t, group = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([group, group])
+            y = np.concatenate([y, np.full_like(y, null)])
         ref = self._forward_float(x, t, y)
         return RDInputs(x, t, y, group, ref)
 
