@@ -554,7 +554,7 @@ def finetune_block(
     of :func:`block_output_error` against ``float_params``' block on the inputs the
     network ``params`` (earlier blocks quantized) feeds it. The tuned arrays are cast
     back to their stored dtypes and kept only if the error on a fixed subset of
-    ``eval_pairs`` pairs falls.
+    ``eval_pairs`` pairs, held out of the training minibatches, falls.
 
     Returns:
       ``(params, record)``; ``record`` holds ``block``, ``steps``, ``error_before``,
@@ -579,9 +579,14 @@ def finetune_block(
     opt_state = optax.adam(lr).init(theta)
     rng = np.random.default_rng(seed + 1)
     x, t, y = pairs
-    bs = min(batch_size, n_pairs)
+    # Train on the pairs the keep-or-discard decision does not look at (all of them when
+    # the calibration is too small to hold a minibatch out).
+    pool = np.setdiff1d(np.arange(n_pairs), eval_idx)
+    if len(pool) < batch_size:
+        pool = np.arange(n_pairs)
+    bs = min(batch_size, len(pool))
     for _ in range(steps):
-        j = np.sort(rng.choice(n_pairs, bs, replace=False))
+        j = np.sort(rng.choice(pool, bs, replace=False))
         theta, opt_state, _ = _finetune_step(model.module, units, treedef, train_idx, float(lr), theta, opt_state,
                                              leaves, params, ref_params, jnp.asarray(x[j]), jnp.asarray(t[j]),
                                              None if y is None else jnp.asarray(y[j]))
