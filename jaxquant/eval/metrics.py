@@ -368,7 +368,7 @@ def _distance_block(a: jax.Array, b: jax.Array, distance_dtype: str) -> jax.Arra
     )
 
 
-@xla.jit(options="xla-default", static_argnames=("k", "distance_dtype"))
+@xla.jit(static_argnames=("k", "distance_dtype"))
 def _knn_update(
     best: jax.Array, rows: jax.Array, cols: jax.Array, n_cols: jax.Array, k: int, distance_dtype: str
 ) -> jax.Array:
@@ -380,7 +380,7 @@ def _knn_update(
     return -neg  # ascending
 
 
-@xla.jit(options="xla-default", static_argnames=("distance_dtype",))
+@xla.jit(static_argnames=("distance_dtype",))
 def _membership_block(
     real: jax.Array, r_real: jax.Array, fake: jax.Array, r_fake: jax.Array, distance_dtype: str
 ) -> Tuple[jax.Array, jax.Array]:
