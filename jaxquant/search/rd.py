@@ -1106,6 +1106,12 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
                   "weight_size_bits": plan.weight_size, "weight_budget_bits": plan.weight_budget,
                   "act_size": plan.act_size, "act_budget": plan.act_budget,
                   "additivity": add.to_json() if add is not None else None}
+        if plots and not _have_matplotlib():
+            import warnings
+
+            warnings.warn("matplotlib is not installed: the RD plots are skipped (pip install matplotlib)",
+                          RuntimeWarning, stacklevel=2)
+            plots = False
         if plots:
             from jaxquant.search import plots as P
 
@@ -1118,6 +1124,12 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
         files["report"] = str(out / "report.md")
         (out / "report.md").write_text(format_report(report) + "\n")
     return RDResult(params, plan, curves, measured.tolist(), add, files)
+
+
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def format_report(report: dict) -> str:
