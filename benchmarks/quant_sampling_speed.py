@@ -32,28 +32,17 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    import jax
-    import jax.numpy as jnp
-
     import jaxquant
-    from benchmarks.quality_table import sample_labels
-    from jaxquant.diffusion.pipeline import sampling_fn
-    from jaxquant.diffusion.samplers import initial_noise
+    from benchmarks.quality_table import batch_sampler
     from jaxquant.quant.accounting import storage_report
 
     print(machine())
     models = {"fp": jaxquant.load(args.model)}
     for q in args.quantized:
         models[Path(q).name] = jaxquant.load(q)
-    key = jax.random.key(0)
     sides, info = {}, {}
     for name, m in models.items():
-        run = sampling_fn(m, steps=args.steps, cfg_scale=args.cfg_scale)
-        x = initial_noise(key, (args.batch, *m.sample_shape))
-        labels = sample_labels(m, args.batch)
-        y = None if labels is None else jnp.asarray(labels, jnp.int32)
-        run(m.params, x, key, y).block_until_ready()  # compile
-        sides[name] = (lambda run=run, m=m, x=x, y=y: run(m.params, x, key, y).block_until_ready())
+        sides[name] = batch_sampler(m, args.steps, args.batch, args.cfg_scale, seed=0)
         rep = storage_report(m.params)
         info[name] = {"bytes": rep.total_bytes, "bits_per_weight": rep.bits_per_weight}
     times = time_interleaved(sides, args.repeats)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,14 +289,7 @@ def load_variables_npz(path: str | os.PathLike, fmt: str) -> dict:
     found = None if found is None else str(found[()])
     if found != fmt:
         raise CheckpointError(f"'{p}' holds {found or 'no marked'} weights, not {fmt!r}")
-    tree: dict = {}
-    for key, value in arrays.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return flax.traverse_util.unflatten_dict(arrays, sep="/")
 
 
 # --------------------------------------------------------------------------------------

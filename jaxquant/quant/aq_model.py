@@ -84,6 +84,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -635,13 +636,7 @@ def _load_npz(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"progress file '{path}' is unreadable ({e}); delete it to redo that step") from None
     manifest = json.loads(str(data.pop("__manifest__")))
     record = json.loads(str(data.pop("__record__")))
-    plain: dict = {}
-    for k, v in data.items():
-        node = plain
-        *head, leaf = k.split("/")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[leaf] = v
+    plain = flax.traverse_util.unflatten_dict(data, sep="/")
     return serialize.from_storable(plain, manifest), record
 
 

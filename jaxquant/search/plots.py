@@ -21,6 +21,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    """Lay out, write as PNG and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(curves, path: str | os.PathLike, distortion: str = "mse") -> Path:
     """Distortion vs bit width of every site (log scale), weights and activations side by
     side, averaged over timestep groups; a line per site, coloured by depth in the network."""
@@ -39,11 +48,7 @@ def plot_curves(curves, path: str | os.PathLike, distortion: str = "mse") -> Pat
         ax.set_title(f"{'weights' if kind == 'weight' else 'activations'}: {len(cs)} sites "
                      f"(colour: depth), mean over {curves.groups} group(s)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_allocation(plan, curves, path: str | os.PathLike) -> Path:
@@ -72,11 +77,7 @@ def plot_allocation(plan, curves, path: str | os.PathLike) -> Path:
         ax.set_xlabel("activation site (network order)")
         ax.set_title("activation bits per timestep group")
         fig.colorbar(im, ax=ax, label="bits")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_additivity(add, path: str | os.PathLike) -> Path:
@@ -98,8 +99,4 @@ def plot_additivity(add, path: str | os.PathLike) -> Path:
     ax.set_title(f"additivity: R² = {add.r2:.3f}, R² (log) = {add.r2_log:.3f}")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
