@@ -20,6 +20,28 @@ import numpy as np
 from benchmarks.common import machine, write_result
 
 
+def encoding_problem(out: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark's ``W [out, k]`` (Gaussian, std 0.02) and PSD ``XᵀX [k, k]``.
+
+    ``X`` has 8192 rows with uneven column scales (uniform in [0.2, 3]) plus a shared
+    rank-64 component, so ``XᵀX`` is far from a multiple of the identity, as real layer
+    inputs are.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((out, k)) * 0.02).astype(np.float32)
+    colscale = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    V = rng.standard_normal((64, k)).astype(np.float32) * 0.5
+    acc = jax.jit(lambda H, x: H + x.T @ x)
+    H = jnp.zeros((k, k), jnp.float32)
+    for _ in range(8):
+        z = rng.standard_normal((1024, k)).astype(np.float32) * colscale + rng.standard_normal((1024, 64)).astype(np.float32) @ V
+        H = acc(H, jnp.asarray(z))
+    return W, np.asarray(H)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -38,16 +60,7 @@ def main() -> None:
 
     print(machine())
     out, K = args.out, args.k
-    rng = np.random.default_rng(0)
-    W = (rng.standard_normal((out, K)) * 0.02).astype(np.float32)
-    colscale = rng.uniform(0.2, 3.0, K).astype(np.float32)
-    V = rng.standard_normal((64, K)).astype(np.float32) * 0.5
-    acc = jax.jit(lambda H, x: H + x.T @ x)
-    H = jnp.zeros((K, K), jnp.float32)
-    for _ in range(8):
-        z = rng.standard_normal((1024, K)).astype(np.float32) * colscale + rng.standard_normal((1024, 64)).astype(np.float32) @ V
-        H = acc(H, jnp.asarray(z))
-    H = np.asarray(H)
+    W, H = encoding_problem(out, K)
     settings = dict(beam_size=args.beam, max_iters=args.rounds, adam_steps=args.adam_steps, lr=3e-2, tol=0.01)
     results = {}
     cores = os.cpu_count() or 1
