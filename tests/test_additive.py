@@ -1,5 +1,7 @@
 """Additive quantization (AQ): objective, beam search, layout, bits, storage, dispatch."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +235,45 @@ def test_init_resumes_from_a_previous_result(problem, aq2x8):
     assert h2[-1]["objective"] <= h2[0]["objective"]
     with pytest.raises(ConfigError, match="init is"):
         aq.quantize_matrix(w, xtx, 1, 8, 8, key=0, init=qw)
+
+
+
+def _with_moves(qw, changes):
+    """``qw`` (unpacked) with ``changes`` = [(row, group, slot, code)] applied to its codes."""
+    codes = np.array(qw.int_codes())
+    for r, j, m, c in changes:
+        codes[r, j, m] = c
+    return dataclasses.replace(qw.to_unpacked(), codes=jnp.asarray(codes.astype(np.uint8)))
+
+
+@pytest.mark.parametrize("kernel_grouping", [False, True])
+def test_greedy_code_update_recovers_single_code_moves(aq2x8, kernel_grouping):
+    qw = aq2x8[0]
+    if kernel_grouping:  # a 3x3 conv: the target is given in kernel order and permuted inside
+        kernel = np.random.default_rng(5).normal(size=(3, 3, 16, 16)).astype(np.float32) * 0.1
+        qw, _ = aq.quantize_kernel(kernel, np.eye(144, dtype=np.float32), 2, 6, 9, key=0, beam_size=2, max_iters=1)
+        assert qw.kernel_grouping
+    n = 1 << qw.nbits
+    codes = np.asarray(qw.int_codes())
+    # Five vectors get one different code each (a codeword far from the current one).
+    changes = [(r, j, m, (int(codes[r, j, m]) + n // 2) % n)
+               for r, j, m in [(0, 0, 0), (3, 5, 1), (7, 2, 0), (10, 1, 1), (12, 3, 0)]]
+    target = as_matrix(_with_moves(qw, changes).dequantize())
+    # Already at the target: nothing to change.
+    same, k = aq.greedy_code_update(qw, as_matrix(qw.dequantize()), 100)
+    assert k == 0 and np.array_equal(np.asarray(same.codes), np.asarray(qw.codes))
+    # A budget above the number of moves recovers exactly those moves, in the stored form.
+    got, k = aq.greedy_code_update(qw, target, 50)
+    assert k == 5 and got.packed == qw.packed
+    np.testing.assert_array_equal(np.asarray(got.int_codes()), np.asarray(_with_moves(qw, changes).codes))
+    # A budget of two applies the two largest gains, and no more (several row blocks).
+    two, k = aq.greedy_code_update(qw, target, 2, row_chunk=4)
+    assert k == 2 and int(np.sum(np.asarray(two.int_codes()) != codes)) == 2
+
+    def err(w):
+        return float(np.sum((np.asarray(as_matrix(w.dequantize()), np.float64) - np.asarray(target)) ** 2))
+
+    gains = sorted(err(qw) - err(_with_moves(qw, [c])) for c in changes)
+    assert err(qw) - err(two) == pytest.approx(gains[-1] + gains[-2], rel=1e-4)
+    with pytest.raises(ConfigError, match="target has shape"):
+        aq.greedy_code_update(qw, target[:, :-1], 2)

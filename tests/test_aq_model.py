@@ -74,6 +74,12 @@ def result(model, calib):
     return quantize_aq(model, calib, TARGET, ActQuantConfig(bits=8), finetune_steps=FT_STEPS, **SETTINGS)
 
 
+@pytest.fixture(scope="module")
+def unfinetuned(model, calib):
+    """The planned layers quantized, without fine-tuning or activation quantization."""
+    return quantize_aq(model, calib, TARGET, None, finetune_steps=0, **SETTINGS)
+
+
 def _leaves_equal(a, b) -> bool:
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
@@ -186,7 +192,7 @@ def test_result_meets_the_budget_exactly_as_stored(model, result):
     assert "input_quant" not in result.params["conv_in"]  # (the CLI test samples from such a model)
 
 
-def test_layer_objectives_fall_and_block_finetuning_reduces_the_output_error(model, calib, result):
+def test_layer_objectives_fall_and_block_finetuning_reduces_the_output_error(model, calib, result, unfinetuned):
     for r in result.layers:
         assert r["objective"] <= r["objective_init"]
         if r["objective_init"] > 1e-6:
@@ -196,7 +202,7 @@ def test_layer_objectives_fall_and_block_finetuning_reduces_the_output_error(mod
         assert b["kept"] and b["error_after"] < b["error_before"]
 
     # The same layers without fine-tuning or activation quantization.
-    base = quantize_aq(model, calib, TARGET, None, finetune_steps=0, **SETTINGS)
+    base = unfinetuned
     kernels = layer_kernels(model.params)
     got = layer_kernels(base.params)
     for r in base.layers[:4]:  # the recorded objective is the weighted error of the stored weight
@@ -319,3 +325,33 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     k2 = layer_kernels(jaxquant.load(tmp_path / "q2").params)
     assert k2["mid_block.attentions.0.to_q"].describe() == "AQ 2x8 g8"
     assert sum(isinstance(k, AQWeight) for k in k2.values()) == 1
+
+
+def test_finetune_code_updates_within_budget(model, calib, unfinetuned):
+    base = unfinetuned.params
+    before = block_output_error(model, base, model.params, "mid_block", calib, batch_size=4)
+    tuned, rec = finetune_block(model, base, model.params, "mid_block", calib, steps=8, lr=1e-3, batch_size=4,
+                                code_update_every=2, code_budget=0.05)
+    accepted, tried = rec["code_updates"]
+    assert tried == 4 and 1 <= accepted <= tried and rec["kept"]
+    after = block_output_error(model, tuned, model.params, "mid_block", calib, batch_size=4)
+    assert after < before and rec["error_after"] == pytest.approx(after, rel=1e-5)
+    q0, q1 = layer_kernels(base), layer_kernels(tuned)
+    total = 0
+    for name in q0:
+        if block_of(name) != "mid_block" or not isinstance(q0[name], AQWeight):
+            assert _leaves_equal(q0[name], q1[name]) or block_of(name) == "mid_block"
+            continue
+        w = q0[name]
+        diff = int(np.sum(np.asarray(w.int_codes()) != np.asarray(q1[name].int_codes())))
+        assert diff <= accepted * int(0.05 * w.out_features * w.num_groups * w.num_codebooks)
+        assert q1[name].packed == w.packed and q1[name].codes.dtype == w.codes.dtype
+        total += diff
+    assert 0 < total <= rec["codes_changed"]
+    # Off by default: codes frozen, no code-update fields.
+    _, rec0 = finetune_block(model, base, model.params, "mid_block", calib, steps=2, lr=1e-3, batch_size=4)
+    assert "code_updates" not in rec0
+    with pytest.raises(ConfigError, match="code_budget"):
+        finetune_block(model, base, model.params, "mid_block", calib, steps=2, code_update_every=1, code_budget=0.0)
+    with pytest.raises(ConfigError, match="finetune_steps > 0"):
+        quantize_aq(model, calib, TARGET, None, finetune_steps=0, code_update_every=2, **SETTINGS)

@@ -721,3 +721,77 @@ def relative_error(weight: Any, kernel: Any, xtx: Any) -> float:
     d = w - as_matrix(dispatch.materialize(weight, jnp.float32))
     h = jnp.asarray(xtx, jnp.float32)
     return float(jnp.sum(d * (d @ h)) / jnp.sum(w * (w @ h)))
+
+
+@partial(jax.jit, static_argnames=("g",))
+def _best_single_changes(target: jax.Array, codes: jax.Array, codebooks: jax.Array, scales: jax.Array, *, g: int):
+    """For every vector of a block of rows, the best change of one code towards ``target``.
+
+    ``target [rows, K]`` (grouped column order), ``codes`` int32 ``[rows, J, M]``. Returns
+    ``(gain, slot, code)`` ``[rows, J]``: the decrease of ``‖target - ŵ‖²`` (weight units)
+    from the best single-slot change, which slot and which new code.
+    """
+    rows, j, m = codes.shape
+    s = scales.astype(jnp.float32)
+    cb = codebooks.astype(jnp.float32)  # [M, N, g]
+    t = target.astype(jnp.float32).reshape(rows, j, g) / s[:, None, None]
+    r = t - _decode(codes, cb)  # residual in codebook units
+    cur = jnp.sum(r * r, -1)
+    norms = jnp.sum(cb * cb, -1)  # [M, N]
+    gains, news = [], []
+    for slot in range(m):
+        rm = r + cb[slot][codes[..., slot]]  # residual without this slot's codeword
+        err = jnp.sum(rm * rm, -1)[..., None] - 2.0 * jnp.einsum("rjg,ng->rjn", rm, cb[slot]) + norms[slot]
+        best = jnp.argmin(err, -1)
+        gain = cur - jnp.take_along_axis(err, best[..., None], -1)[..., 0]
+        gains.append(jnp.where(best == codes[..., slot], 0.0, gain))  # keeping the code is no change
+        news.append(best)
+    gains, news = jnp.stack(gains, -1), jnp.stack(news, -1)  # [rows, J, M]
+    slot = jnp.argmax(gains, -1)
+    pick = lambda a: jnp.take_along_axis(a, slot[..., None], -1)[..., 0]  # noqa: E731
+    return pick(gains) * (s * s)[:, None], slot, pick(news)
+
+
+def greedy_code_update(weight: AQWeight, target: Any, max_changes: int, *,
+                       row_chunk: int = 256) -> tuple[AQWeight, int]:
+    """Move at most ``max_changes`` codes of ``weight`` so that it comes closer to ``target``.
+
+    For every vector (row ``r``, group ``j``) the best change of a *single* code (one
+    codebook slot, any codeword) is found by exhaustive search, scored by the decrease
+    of ``‖target - Ŵ‖²``; the ``max_changes`` largest strictly positive decreases are
+    applied (at most one code per vector). Codebooks and scales are kept. This is the
+    code step of PV-tuning-style fine-tuning (:func:`jaxquant.quant.aq_model.finetune_block`):
+    ``target`` is the dequantized weight moved along the negative loss gradient.
+
+    Args:
+      weight: the AQ weight to update (packed or not; the result has the same form).
+      target: ``[out, K]`` in kernel order (as :func:`~jaxquant.quant.uniform.as_matrix`).
+      max_changes: the budget: at most this many codes change.
+      row_chunk: rows scored at once (bounds memory at ``row_chunk·J·2**B`` floats).
+
+    Returns:
+      ``(updated weight, number of codes changed)``.
+    """
+    target = jnp.asarray(target, jnp.float32)
+    out, k = weight.out_features, weight.in_size
+    if target.shape != (out, k):
+        raise ConfigError(f"target has shape {target.shape}, expected ({out}, {k}) for {weight.describe()}")
+    if weight.kernel_grouping:
+        target = _to_kernel_groups(target, weight.shape)
+    codes = weight.int_codes()
+    gain, slot, new = [], [], []
+    for lo in range(0, out, row_chunk):
+        hi = min(out, lo + row_chunk)
+        a, b, c = _best_single_changes(target[lo:hi], codes[lo:hi], weight.codebooks, weight.scales[lo:hi],
+                                       g=weight.group_size)
+        gain.append(a), slot.append(b), new.append(c)
+    gain, slot, new = (jnp.concatenate(v) for v in (gain, slot, new))
+    budget = int(min(max(max_changes, 0), gain.size))
+    if budget == 0:
+        return weight, 0
+    top_gain, top = jax.lax.top_k(gain.reshape(-1), budget)
+    top = top[top_gain > 0]
+    rows, groups = top // weight.num_groups, top % weight.num_groups
+    codes = codes.at[rows, groups, slot.reshape(-1)[top]].set(new.reshape(-1)[top])
+    updated = dataclasses.replace(weight, codes=codes.astype(_code_dtype(weight.nbits)), packed=False)
+    return (updated.to_packed() if weight.packed else updated), int(top.size)

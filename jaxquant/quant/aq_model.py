@@ -36,8 +36,9 @@ Three stages, each a function of its own:
    float block on those same inputs, and everything after the block is dead code that
    XLA does not compute. Codebooks and scales are tuned in float32 and stored back as
    float16; the tuned block is kept only if its error on a fixed evaluation subset of
-   the calibration pairs is lower than before. PV-tuning's code updates are not
-   implemented.
+   the calibration pairs is lower than before. Optional code updates in the manner of
+   PV-tuning (``code_update_every``, a per-update ``code_budget``; off by default) move
+   a budgeted fraction of the codes along the loss gradient between Adam steps.
 
 Activations (``acts``) are quantized afterwards, with ranges from the float model's
 calibration, by the same :func:`~jaxquant.quant.quantize.attach_act_quantizers` the
@@ -461,6 +462,12 @@ def _relative_errors(q: list, f: list) -> tuple[jax.Array, jax.Array]:
     return num, den
 
 
+def _mean_relative_error(q: list, f: list) -> jax.Array:
+    """The block loss: mean over the block's outputs of ``‖q - f‖² / ‖f‖²`` (norms over the batch)."""
+    num, den = _relative_errors(q, f)
+    return jnp.mean(num / jnp.maximum(den, 1e-30))
+
+
 # Module-level jitted functions with the (hashable) Flax module and unit paths static, so
 # repeated runs (and resumed runs) reuse the compiled code.
 @partial(xla.jit, static_argnames=("module", "units"))
@@ -484,12 +491,75 @@ def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leav
 
     def loss_fn(th):
         q = _unit_outputs(module, units, _assemble(units, treedef, train_idx, leaves, th, base), x, t, y)
-        num, den = _relative_errors(q, target)
-        return jnp.mean(num / jnp.maximum(den, 1e-30))
+        return _mean_relative_error(q, target)
 
     loss, grads = jax.value_and_grad(loss_fn)(theta)
     updates, opt_state = optax.adam(lr).update(grads, opt_state, theta)
     return optax.apply_updates(theta, updates), opt_state, loss
+
+
+@partial(xla.jit, static_argnames=("module", "units", "paths"))
+def _kernel_grads(module, units, paths, kernels, base, ref, x, t, y):
+    """Minibatch block loss and its gradient with respect to dense kernels put at ``paths``."""
+    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y))
+
+    def loss_fn(ks):
+        q = _unit_outputs(module, units, _set_paths(base, dict(zip(paths, ks))), x, t, y)
+        return _mean_relative_error(q, target)
+
+    return jax.value_and_grad(loss_fn)(kernels)
+
+
+@partial(xla.jit, static_argnames=("module", "units"))
+def _minibatch_loss(module, units, params, ref, x, t, y):
+    return _mean_relative_error(_unit_outputs(module, units, params, x, t, y),
+                                _unit_outputs(module, units, ref, x, t, y))
+
+
+# Code updates try every (step scale, budget fraction) pair and keep the best (see finetune_block).
+CODE_STEP_SCALES = (1.0, 0.5, 0.25)
+CODE_BUDGET_FRACTIONS = (1.0, 0.25, 0.0625, 0.015625)
+
+
+def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, units: tuple, budget: float,
+               x, t, y) -> tuple[dict | None, int]:
+    """One PV-style code update of the block's AQ layers (see :func:`finetune_block`).
+
+    Returns the tree with new codes and the number of codes changed, or ``(None, 0)``
+    when no candidate lowers the minibatch loss.
+    """
+    from jaxquant.quant.additive import AQWeight, greedy_code_update
+    from jaxquant.quant.uniform import as_matrix
+
+    names = [n for n, k in layer_kernels(tree).items() if block_of(n) == block and isinstance(k, AQWeight)]
+    if not names:
+        return None, 0
+    paths = tuple(tuple(_split_name(tree, n)) + ("kernel",) for n in names)
+    weights = [_get(tree, p) for p in paths]
+    dense = [w.dequantize(jnp.float32) for w in weights]
+    loss, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, x, t, y)
+    steps = []
+    for p, wq, g in zip(paths, dense, grads):
+        wq_m, g_m = as_matrix(wq), as_matrix(g)
+        wf_m = as_matrix(jnp.asarray(_get(float_params, p), jnp.float32))
+        # Unit step: as long (RMS) as the current quantization error, along -gradient.
+        eta = jnp.sqrt(jnp.mean((wq_m - wf_m) ** 2) / jnp.maximum(jnp.mean(g_m ** 2), 1e-30))
+        steps.append((wq_m, eta * g_m))
+    best, best_loss, best_changed = None, float(loss), 0
+    for scale in CODE_STEP_SCALES:
+        for frac in CODE_BUDGET_FRACTIONS:
+            updates, changed = {}, 0
+            for p, w, (wq_m, step) in zip(paths, weights, steps):
+                max_changes = int(frac * budget * w.out_features * w.num_groups * w.num_codebooks)
+                updates[p], n = greedy_code_update(w, wq_m - scale * step, max_changes)
+                changed += n
+            if changed == 0:
+                continue
+            candidate = _set_paths(tree, updates)
+            cand_loss = float(_minibatch_loss(model.module, units, candidate, ref, x, t, y))
+            if cand_loss < best_loss:
+                best, best_loss, best_changed = candidate, cand_loss, changed
+    return best, best_changed
 
 
 def _batches(x, t, y, idx: np.ndarray, size: int):
@@ -545,8 +615,10 @@ def finetune_block(
     batch_size: int = 8,
     eval_pairs: int = 32,
     key: Any = 0,
+    code_update_every: int = 0,
+    code_budget: float = 0.01,
 ) -> tuple[dict, dict]:
-    """Tune a quantized block to reproduce the float block's outputs (codes frozen).
+    """Tune a quantized block to reproduce the float block's outputs.
 
     The trainable parameters are every floating-point array under the block's modules
     in ``params``: AQ codebooks and scales, uniform scales, norms, biases, float kernels;
@@ -557,12 +629,31 @@ def finetune_block(
     back to their stored dtypes and kept only if the error on a fixed subset of
     ``eval_pairs`` pairs, held out of the training minibatches, falls.
 
+    **Code updates** (``code_update_every > 0``; off by default), in the manner of
+    PV-tuning's linearised code step: after every ``code_update_every`` Adam steps, the
+    gradient ``G`` of the minibatch loss with respect to each AQ layer's dequantized
+    weight ``Ŵ`` gives a target ``Ŵ - η·G``, and codes are moved towards it
+    (:func:`~jaxquant.quant.additive.greedy_code_update`: the best single-code changes,
+    largest gains first). The unit step makes ``η·G`` as long (in RMS) as the layer's
+    current quantization error ``Ŵ - W``; every pair of a step of (1, 1/2, 1/4) units and
+    a budget of (1, 1/4, 1/16, 1/64) x ``code_budget`` of each layer's codes is tried, and the
+    pair with the lowest minibatch loss is taken if it lowers that loss (else the codes
+    stay). Code moves change weights by whole codeword differences, so large steps with
+    large budgets usually overshoot; the search keeps the update safe.
+
     Returns:
       ``(params, record)``; ``record`` holds ``block``, ``steps``, ``error_before``,
-      ``error_after`` (of the returned params), ``kept`` and ``seconds``.
+      ``error_after`` (of the returned params), ``kept`` and ``seconds``, and with code
+      updates ``code_updates`` (accepted / tried) and ``codes_changed``.
+
+    Raises:
+      ConfigError: a negative ``code_update_every`` or a ``code_budget`` outside (0, 1].
     """
     import optax
 
+    if code_update_every < 0 or not 0 < code_budget <= 1:
+        raise ConfigError(f"code_update_every must be >= 0 and code_budget in (0, 1], got {code_update_every} "
+                          f"and {code_budget}")
     t0 = time.perf_counter()
     key = _as_key(key)
     pairs = _calibration_pairs(model, calib)
@@ -586,17 +677,29 @@ def finetune_block(
     if len(pool) < batch_size:
         pool = np.arange(n_pairs)
     bs = min(batch_size, len(pool))
-    for _ in range(steps):
+    train_set = set(train_idx)
+    tried = accepted = changed = 0
+    for step in range(steps):
         j = np.sort(rng.choice(pool, bs, replace=False))
+        xb, tb, yb = jnp.asarray(x[j]), jnp.asarray(t[j]), None if y is None else jnp.asarray(y[j])
         theta, opt_state, _ = _finetune_step(model.module, units, treedef, train_idx, float(lr), theta, opt_state,
-                                             leaves, params, ref_params, jnp.asarray(x[j]), jnp.asarray(t[j]),
-                                             None if y is None else jnp.asarray(y[j]))
+                                             leaves, params, ref_params, xb, tb, yb)
+        if code_update_every and (step + 1) % code_update_every == 0:
+            tried += 1
+            tree = _assemble(units, treedef, train_idx, leaves, theta, params)
+            new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget, xb, tb, yb)
+            if new_tree is not None:  # take the new codes; the float leaves stay in theta
+                new_leaves = jax.tree_util.tree_leaves([_get(new_tree, u) for u in units])
+                leaves = [old if i in train_set else new for i, (old, new) in enumerate(zip(leaves, new_leaves))]
+                accepted, changed = accepted + 1, changed + n
     stored = [v.astype(leaves[i].dtype) for i, v in zip(train_idx, theta)]
     tuned = _assemble(units, treedef, train_idx, leaves, stored, params)
     after = _block_error(model, units, tuned, ref_params, pairs, eval_idx, batch_size) if steps > 0 else before
     kept = after < before
     rec = {"block": block, "steps": int(steps), "error_before": before, "error_after": after if kept else before,
            "kept": bool(kept), "seconds": round(time.perf_counter() - t0, 3)}
+    if code_update_every:
+        rec.update(code_updates=[accepted, tried], codes_changed=changed if kept else 0)
     return (tuned if kept else params), rec
 
 
@@ -749,6 +852,8 @@ def quantize_aq(
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
     finetune_batch: int = 8,
+    code_update_every: int = 0,
+    code_budget: float = 0.01,
     progress_dir: str | os.PathLike | None = None,
     key: Any = 0,
     aq_options: dict | None = None,
@@ -771,6 +876,8 @@ def quantize_aq(
       beam_size: beam width of the code search.
       finetune_steps: Adam steps per block (0: no block fine-tuning); finetune_lr,
         finetune_batch: its learning rate and calibration pairs per step.
+      code_update_every, code_budget: PV-style code updates during block fine-tuning
+        (:func:`finetune_block`; 0: codes frozen).
       progress_dir: directory for finished layers/blocks; rerunning with the same
         settings resumes there (``None``: nothing is saved).
       key: PRNG key or int seed; layer ``n`` uses ``fold_in(key, crc32(n))``.
@@ -787,6 +894,11 @@ def quantize_aq(
 
     if (target_bits is None) == (plan is None):
         raise ConfigError("quantize_aq needs exactly one of target_bits (plan by budget) and plan")
+    if code_update_every < 0 or not 0 < code_budget <= 1:
+        raise ConfigError(f"code_update_every must be >= 0 and code_budget in (0, 1], got {code_update_every} "
+                          f"and {code_budget}")
+    if code_update_every and not finetune_steps:
+        raise ConfigError("code updates happen during block fine-tuning: set finetune_steps > 0")
     kernels = layer_kernels(model.params)
     if plan is None:
         names, fixed = resolve_aq_rules(kernels, rules)
@@ -810,7 +922,9 @@ def quantize_aq(
     if progress_dir is not None:
         store = _Progress(progress_dir, {
             "model": _params_digest(model.params), "plan": {n: c.describe() for n, c in plan.items()},
-            "beam_size": beam_size, "finetune": [finetune_steps, finetune_lr, finetune_batch] if finetune_steps else 0,
+            "beam_size": beam_size,
+            "finetune": ([finetune_steps, finetune_lr, finetune_batch]
+                         + ([code_update_every, code_budget] if code_update_every else []) if finetune_steps else 0),
             "key": _key_json(key), "aq_options": {k: repr(v) for k, v in sorted(aq_options.items())},
             "calibration": {"inputs": list(np.shape(calib.inputs)), "timesteps": [int(v) for v in calib.timesteps],
                             "config": repr(calib.config)}})
@@ -858,7 +972,8 @@ def quantize_aq(
             else:
                 bar.set_postfix_str(f"fine-tuning {block}")
                 params, rec = finetune_block(model, params, model.params, block, calib, steps=finetune_steps,
-                                             lr=finetune_lr, batch_size=finetune_batch, key=key)
+                                             lr=finetune_lr, batch_size=finetune_batch, key=key,
+                                             code_update_every=code_update_every, code_budget=code_budget)
                 if store:
                     store.save("block", block, {".".join(u): _get(params, u) for u in units}, rec)
             bar.set_postfix_str(f"{block}: output error {rec['error_before']:.4f} -> {rec['error_after']:.4f}")
