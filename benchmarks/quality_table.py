@@ -16,6 +16,7 @@ Configurations are short names:
     uniform-w4a8-g4         ... with 4 timestep groups (one calibration per group count)
     aq-w2a8                 --method aq --w-bits 2 --a-bits 8
     aq-w2a8-ft100           ... with 100 steps of block fine-tuning (--finetune-steps 100)
+    aq-w2a8-ft100-cu10      ... and PV-style code updates every 10 steps (--code-update-every 10)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
@@ -46,7 +47,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN][-cuN] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -55,6 +56,8 @@ def parse_config(name: str) -> dict:
             cfg["groups"] = int(part[1:])
         elif re.fullmatch(r"ft\d+", part) and m["method"] == "aq":
             cfg["finetune_steps"] = int(part[2:])
+        elif re.fullmatch(r"cu\d+", part) and m["method"] == "aq":
+            cfg["code_update_every"] = int(part[2:])
         elif part in ("ssim", "mse+ssim"):
             cfg["distortion"] = "mse+ssim"
         else:
@@ -71,6 +74,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         argv += ["--distortion", cfg["distortion"]]
     if cfg.get("finetune_steps"):
         argv += ["--finetune-steps", str(cfg["finetune_steps"])]
+    if cfg.get("code_update_every"):
+        argv += ["--code-update-every", str(cfg["code_update_every"])]
     return argv
 
 
