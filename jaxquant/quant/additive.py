@@ -723,67 +723,80 @@ def relative_error(weight: Any, kernel: Any, xtx: Any) -> float:
     return float(jnp.sum(d * (d @ h)) / jnp.sum(w * (w @ h)))
 
 
-@partial(jax.jit, static_argnames=("g",))
-def _best_single_changes(target: jax.Array, codes: jax.Array, codebooks: jax.Array, scales: jax.Array, *, g: int):
-    """For every vector of a block of rows, the best change of one code towards ``target``.
+@jax.jit
+def _best_single_changes(resid_h: jax.Array, codes: jax.Array, codebooks: jax.Array, scales: jax.Array,
+                         h_blocks: jax.Array):
+    """For every vector of a block of rows, the best change of one code.
 
-    ``target [rows, K]`` (grouped column order), ``codes`` int32 ``[rows, J, M]``. Returns
-    ``(gain, slot, code)`` ``[rows, J]``: the decrease of ``‖target - ŵ‖²`` (weight units)
-    from the best single-slot change, which slot and which new code.
+    Minimises ``ΔE = 2·u·δ + δᵀ H_jj δ`` over single-code changes ``δ = s_r (C_m[c] - C_m[old])``
+    of vector ``(r, j)``: the exact change of ``‖T - Ŵ‖²_H`` when only that vector moves,
+    with ``u`` the vector's slice of ``(Ŵ - T) H``. ``resid_h [rows, J, g]``, ``codes`` int32
+    ``[rows, J, M]``, ``h_blocks [J, g, g]`` (the diagonal blocks of ``H``). Returns
+    ``(gain = -ΔE, slot, code)``, each ``[rows, J]``.
     """
-    rows, j, m = codes.shape
-    s = scales.astype(jnp.float32)
+    m = codes.shape[-1]
+    s = scales.astype(jnp.float32)[:, None, None]
     cb = codebooks.astype(jnp.float32)  # [M, N, g]
-    t = target.astype(jnp.float32).reshape(rows, j, g) / s[:, None, None]
-    r = t - _decode(codes, cb)  # residual in codebook units
-    cur = jnp.sum(r * r, -1)
-    norms = jnp.sum(cb * cb, -1)  # [M, N]
+    quad = jnp.einsum("mng,jgh,mnh->mjn", cb, h_blocks, cb)  # C_cᵀ H_jj C_c
     gains, news = [], []
     for slot in range(m):
-        rm = r + cb[slot][codes[..., slot]]  # residual without this slot's codeword
-        err = jnp.sum(rm * rm, -1)[..., None] - 2.0 * jnp.einsum("rjg,ng->rjn", rm, cb[slot]) + norms[slot]
-        best = jnp.argmin(err, -1)
-        gain = cur - jnp.take_along_axis(err, best[..., None], -1)[..., 0]
+        old = cb[slot][codes[..., slot]]  # [rows, J, g]
+        h_old = jnp.einsum("rjg,jgh->rjh", old, h_blocks)
+        old_quad = jnp.sum(h_old * old, -1)[..., None]
+        lin = jnp.einsum("rjg,ng->rjn", resid_h, cb[slot]) - jnp.sum(resid_h * old, -1)[..., None]
+        d_e = 2.0 * s * lin + s * s * (quad[slot][None] - 2.0 * jnp.einsum("rjh,nh->rjn", h_old, cb[slot]) + old_quad)
+        best = jnp.argmin(d_e, -1)
+        gain = -jnp.take_along_axis(d_e, best[..., None], -1)[..., 0]
         gains.append(jnp.where(best == codes[..., slot], 0.0, gain))  # keeping the code is no change
         news.append(best)
     gains, news = jnp.stack(gains, -1), jnp.stack(news, -1)  # [rows, J, M]
     slot = jnp.argmax(gains, -1)
     pick = lambda a: jnp.take_along_axis(a, slot[..., None], -1)[..., 0]  # noqa: E731
-    return pick(gains) * (s * s)[:, None], slot, pick(news)
+    return pick(gains), slot, pick(news)
 
 
-def greedy_code_update(weight: AQWeight, target: Any, max_changes: int, *,
+def greedy_code_update(weight: AQWeight, target: Any, max_changes: int, *, xtx: Any = None,
                        row_chunk: int = 256) -> tuple[AQWeight, int]:
     """Move at most ``max_changes`` codes of ``weight`` so that it comes closer to ``target``.
 
     For every vector (row ``r``, group ``j``) the best change of a *single* code (one
-    codebook slot, any codeword) is found by exhaustive search, scored by the decrease
-    of ``‖target - Ŵ‖²``; the ``max_changes`` largest strictly positive decreases are
-    applied (at most one code per vector). Codebooks and scales are kept. This is the
-    code step of PV-tuning-style fine-tuning (:func:`jaxquant.quant.aq_model.finetune_block`):
-    ``target`` is the dequantized weight moved along the negative loss gradient.
+    codebook slot, any codeword) is found by exhaustive search, scored by the exact
+    decrease of ``‖target - Ŵ‖²_H = tr((T - Ŵ) H (T - Ŵ)ᵀ)`` when only that vector moves
+    (``H = xtx``, or the identity); the ``max_changes`` largest strictly positive
+    decreases are applied (at most one code per vector; changes in one row interact
+    through ``H``'s off-diagonal blocks, which the ranking ignores). Codebooks and scales
+    are kept. This is the code step of PV-tuning-style fine-tuning
+    (:func:`jaxquant.quant.aq_model.finetune_block`).
 
     Args:
       weight: the AQ weight to update (packed or not; the result has the same form).
       target: ``[out, K]`` in kernel order (as :func:`~jaxquant.quant.uniform.as_matrix`).
       max_changes: the budget: at most this many codes change.
+      xtx: ``[K, K]`` metric in kernel order (e.g. the layer's ``XᵀX``); default identity.
       row_chunk: rows scored at once (bounds memory at ``row_chunk·J·2**B`` floats).
 
     Returns:
       ``(updated weight, number of codes changed)``.
     """
     target = jnp.asarray(target, jnp.float32)
-    out, k = weight.out_features, weight.in_size
+    out, k, g = weight.out_features, weight.in_size, weight.group_size
     if target.shape != (out, k):
         raise ConfigError(f"target has shape {target.shape}, expected ({out}, {k}) for {weight.describe()}")
+    h = jnp.eye(k, dtype=jnp.float32) if xtx is None else jnp.asarray(xtx, jnp.float32)
+    if h.shape != (k, k):
+        raise ConfigError(f"xtx has shape {h.shape}, expected ({k}, {k}) for {weight.describe()}")
+    resid = weight.dequantize_matrix(jnp.float32) - target
     if weight.kernel_grouping:
-        target = _to_kernel_groups(target, weight.shape)
+        resid, h = _to_kernel_groups(resid, weight.shape), _kernel_group_xtx(h, weight.shape)
+    j = weight.num_groups
+    resid_h = (resid @ h).reshape(out, j, g)
+    h_blocks = h.reshape(j, g, j, g)[jnp.arange(j), :, jnp.arange(j), :]  # [J, g, g]
     codes = weight.int_codes()
     gain, slot, new = [], [], []
     for lo in range(0, out, row_chunk):
         hi = min(out, lo + row_chunk)
-        a, b, c = _best_single_changes(target[lo:hi], codes[lo:hi], weight.codebooks, weight.scales[lo:hi],
-                                       g=weight.group_size)
+        a, b, c = _best_single_changes(resid_h[lo:hi], codes[lo:hi], weight.codebooks, weight.scales[lo:hi],
+                                       h_blocks)
         gain.append(a), slot.append(b), new.append(c)
     gain, slot, new = (jnp.concatenate(v) for v in (gain, slot, new))
     budget = int(min(max(max_changes, 0), gain.size))
@@ -791,7 +804,7 @@ def greedy_code_update(weight: AQWeight, target: Any, max_changes: int, *,
         return weight, 0
     top_gain, top = jax.lax.top_k(gain.reshape(-1), budget)
     top = top[top_gain > 0]
-    rows, groups = top // weight.num_groups, top % weight.num_groups
+    rows, groups = top // j, top % j
     codes = codes.at[rows, groups, slot.reshape(-1)[top]].set(new.reshape(-1)[top])
     updated = dataclasses.replace(weight, codes=codes.astype(_code_dtype(weight.nbits)), packed=False)
     return (updated.to_packed() if weight.packed else updated), int(top.size)

@@ -522,7 +522,7 @@ CODE_BUDGET_FRACTIONS = (1.0, 0.25, 0.0625, 0.015625)
 
 
 def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, units: tuple, budget: float,
-               x, t, y) -> tuple[dict | None, int]:
+               xtx: dict, x, t, y) -> tuple[dict | None, int]:
     """One PV-style code update of the block's AQ layers (see :func:`finetune_block`).
 
     Returns the tree with new codes and the number of codes changed, or ``(None, 0)``
@@ -538,20 +538,25 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
     weights = [_get(tree, p) for p in paths]
     dense = [w.dequantize(jnp.float32) for w in weights]
     loss, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, x, t, y)
-    steps = []
-    for p, wq, g in zip(paths, dense, grads):
+    layers = []  # (path, weight, Ŵ, unit step D/κ, metric H)
+    for name, p, w, wq, g in zip(names, paths, weights, dense, grads):
         wq_m, g_m = as_matrix(wq), as_matrix(g)
-        wf_m = as_matrix(jnp.asarray(_get(float_params, p), jnp.float32))
-        # Unit step: as long (RMS) as the current quantization error, along -gradient.
-        eta = jnp.sqrt(jnp.mean((wq_m - wf_m) ** 2) / jnp.maximum(jnp.mean(g_m ** 2), 1e-30))
-        steps.append((wq_m, eta * g_m))
+        k = wq_m.shape[1]
+        h = jnp.asarray(xtx[name], jnp.float32) if name in xtx else jnp.eye(k, dtype=jnp.float32)
+        h = h / jnp.maximum(jnp.mean(jnp.diag(h)), 1e-30) + 1e-2 * jnp.eye(k, dtype=jnp.float32)
+        # Local model of the loss in this layer's weight: L(Ŵ + δ) ≈ L + <G, δ> + κ/2 tr(δ H δᵀ),
+        # with κ fitted to G ≈ κ (Ŵ - W) H; its minimiser is Ŵ - G H⁻¹ / κ.
+        eh = (wq_m - as_matrix(jnp.asarray(_get(float_params, p), jnp.float32))) @ h
+        kappa = float(jnp.sum(g_m * eh) / jnp.maximum(jnp.sum(eh * eh), 1e-30))
+        if kappa > 0:
+            layers.append((p, w, wq_m, jnp.linalg.solve(h, g_m.T).T / kappa, h))
     best, best_loss, best_changed = None, float(loss), 0
     for scale in CODE_STEP_SCALES:
         for frac in CODE_BUDGET_FRACTIONS:
             updates, changed = {}, 0
-            for p, w, (wq_m, step) in zip(paths, weights, steps):
+            for p, w, wq_m, step, h in layers:
                 max_changes = int(frac * budget * w.out_features * w.num_groups * w.num_codebooks)
-                updates[p], n = greedy_code_update(w, wq_m - scale * step, max_changes)
+                updates[p], n = greedy_code_update(w, wq_m - scale * step, max_changes, xtx=h)
                 changed += n
             if changed == 0:
                 continue
@@ -630,16 +635,16 @@ def finetune_block(
     ``eval_pairs`` pairs, held out of the training minibatches, falls.
 
     **Code updates** (``code_update_every > 0``; off by default), in the manner of
-    PV-tuning's linearised code step: after every ``code_update_every`` Adam steps, the
-    gradient ``G`` of the minibatch loss with respect to each AQ layer's dequantized
-    weight ``Ŵ`` gives a target ``Ŵ - η·G``, and codes are moved towards it
-    (:func:`~jaxquant.quant.additive.greedy_code_update`: the best single-code changes,
-    largest gains first). The unit step makes ``η·G`` as long (in RMS) as the layer's
-    current quantization error ``Ŵ - W``; every pair of a step of (1, 1/2, 1/4) units and
-    a budget of (1, 1/4, 1/16, 1/64) x ``code_budget`` of each layer's codes is tried, and the
-    pair with the lowest minibatch loss is taken if it lowers that loss (else the codes
-    stay). Code moves change weights by whole codeword differences, so large steps with
-    large budgets usually overshoot; the search keeps the update safe.
+    PV-tuning's code step: after every ``code_update_every`` Adam steps, the gradient
+    ``G`` of the minibatch loss with respect to each AQ layer's dequantized weight ``Ŵ``
+    and the layer's ``H = XᵀX`` (from ``calib``, normalised, damped by 1e-2; identity if
+    absent) give a local model ``L(Ŵ + δ) ≈ L + <G, δ> + κ/2·tr(δ H δᵀ)``, with ``κ``
+    fitted to ``G ≈ κ (Ŵ - W) H``. Its minimiser ``T = Ŵ - G H⁻¹ / κ`` is the target
+    towards which codes move (:func:`~jaxquant.quant.additive.greedy_code_update` in the
+    ``H`` metric: the best single-code changes, largest model decrease first). Every pair
+    of a step of (1, 1/2, 1/4) times ``T - Ŵ`` and a budget of (1, 1/4, 1/16, 1/64) x
+    ``code_budget`` of each layer's codes is tried, and the pair with the lowest
+    minibatch loss is taken if it lowers that loss (else the codes stay).
 
     Returns:
       ``(params, record)``; ``record`` holds ``block``, ``steps``, ``error_before``,
@@ -687,7 +692,8 @@ def finetune_block(
         if code_update_every and (step + 1) % code_update_every == 0:
             tried += 1
             tree = _assemble(units, treedef, train_idx, leaves, theta, params)
-            new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget, xb, tb, yb)
+            new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget,
+                                     getattr(calib, "xtx", None) or {}, xb, tb, yb)
             if new_tree is not None:  # take the new codes; the float leaves stay in theta
                 new_leaves = jax.tree_util.tree_leaves([_get(new_tree, u) for u in units])
                 leaves = [old if i in train_set else new for i, (old, new) in enumerate(zip(leaves, new_leaves))]
