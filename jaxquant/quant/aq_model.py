@@ -522,11 +522,12 @@ CODE_BUDGET_FRACTIONS = (1.0, 0.25, 0.0625, 0.015625)
 
 
 def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, units: tuple, budget: float,
-               xtx: dict, x, t, y) -> tuple[dict | None, int]:
+               xtx: dict, batch: tuple, select: tuple) -> tuple[dict | None, int]:
     """One PV-style code update of the block's AQ layers (see :func:`finetune_block`).
 
-    Returns the tree with new codes and the number of codes changed, or ``(None, 0)``
-    when no candidate lowers the minibatch loss.
+    The gradient comes from ``batch`` ``(x, t, y)``, the choice among candidates from the
+    loss on ``select``. Returns the tree with new codes and the number of codes changed,
+    or ``(None, 0)`` when no candidate lowers the loss on ``select``.
     """
     from jaxquant.quant.additive import AQWeight, greedy_code_update
     from jaxquant.quant.uniform import as_matrix
@@ -537,7 +538,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
     paths = tuple(tuple(_split_name(tree, n)) + ("kernel",) for n in names)
     weights = [_get(tree, p) for p in paths]
     dense = [w.dequantize(jnp.float32) for w in weights]
-    loss, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, x, t, y)
+    _, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, *batch)
     layers = []  # (path, weight, Ŵ, unit step D/κ, metric H)
     for name, p, w, wq, g in zip(names, paths, weights, dense, grads):
         wq_m, g_m = as_matrix(wq), as_matrix(g)
@@ -550,7 +551,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
         kappa = float(jnp.sum(g_m * eh) / jnp.maximum(jnp.sum(eh * eh), 1e-30))
         if kappa > 0:
             layers.append((p, w, wq_m, jnp.linalg.solve(h, g_m.T).T / kappa, h))
-    best, best_loss, best_changed = None, float(loss), 0
+    best, best_loss, best_changed = None, float(_minibatch_loss(model.module, units, tree, ref, *select)), 0
     for scale in CODE_STEP_SCALES:
         for frac in CODE_BUDGET_FRACTIONS:
             updates, changed = {}, 0
@@ -561,7 +562,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
             if changed == 0:
                 continue
             candidate = _set_paths(tree, updates)
-            cand_loss = float(_minibatch_loss(model.module, units, candidate, ref, x, t, y))
+            cand_loss = float(_minibatch_loss(model.module, units, candidate, ref, *select))
             if cand_loss < best_loss:
                 best, best_loss, best_changed = candidate, cand_loss, changed
     return best, best_changed
@@ -644,7 +645,8 @@ def finetune_block(
     ``H`` metric: the best single-code changes, largest model decrease first). Every pair
     of a step of (1, 1/2, 1/4) times ``T - Ŵ`` and a budget of (1, 1/4, 1/16, 1/64) x
     ``code_budget`` of each layer's codes is tried, and the pair with the lowest
-    minibatch loss is taken if it lowers that loss (else the codes stay).
+    loss on a fresh selection batch (4x the minibatch, from the training pairs) is taken
+    if it lowers that loss (else the codes stay).
 
     Returns:
       ``(params, record)``; ``record`` holds ``block``, ``steps``, ``error_before``,
@@ -692,8 +694,10 @@ def finetune_block(
         if code_update_every and (step + 1) % code_update_every == 0:
             tried += 1
             tree = _assemble(units, treedef, train_idx, leaves, theta, params)
+            js = np.sort(rng.choice(pool, min(len(pool), 4 * bs), replace=False))  # a fresh selection batch
+            select = (jnp.asarray(x[js]), jnp.asarray(t[js]), None if y is None else jnp.asarray(y[js]))
             new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget,
-                                     getattr(calib, "xtx", None) or {}, xb, tb, yb)
+                                     getattr(calib, "xtx", None) or {}, (xb, tb, yb), select)
             if new_tree is not None:  # take the new codes; the float leaves stay in theta
                 new_leaves = jax.tree_util.tree_leaves([_get(new_tree, u) for u in units])
                 leaves = [old if i in train_set else new for i, (old, new) in enumerate(zip(leaves, new_leaves))]
