@@ -232,3 +232,19 @@ def test_guidance_needs_unconditional_label(tmp_path, capsys):
     np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
     with pytest.raises(JaxquantError, match="need a class-conditional model"):
         _plan(uncond, "--class-labels", "0")
+
+
+def test_calibration_with_xtx_covers_the_denoiser_only(ldm):
+    from jaxquant.calib import CalibConfig, calibrate
+    from jaxquant.quant.rules import layer_kernels
+
+    calib = calibrate(ldm, CalibConfig(num_samples=2, steps=2, batch_size=2, cfg_scale=3.0, xtx=True),
+                      progress=False)
+    kernels = layer_kernels(ldm.params)
+    denoiser = {n for n in kernels if not n.startswith(("first_stage.", "cond_stage."))}
+    assert set(calib.xtx) == denoiser and len(denoiser) < len(kernels)
+    for n, h in calib.xtx.items():
+        k = int(np.prod(kernels[n].shape[:-1]))
+        assert h.shape == (k, k) and np.all(np.isfinite(h))
+        np.testing.assert_allclose(h, h.T, rtol=1e-4, atol=1e-4 * float(np.abs(h).max()))
+        assert np.all(np.diag(h) >= 0) and calib.xtx_count[n] > 0

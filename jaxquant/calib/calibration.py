@@ -301,14 +301,20 @@ def _conv_rows(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
 def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[dict, dict]:
     """``XᵀX`` of every weight layer's input over all calibration inputs.
 
+    Every dense/conv layer the denoiser runs gets one (not an LDM's first stage).
+
     Conv rows are im2col patches with the layer's own stride and padding (read off
     the network by :func:`jaxquant.models.introspect.conv_layers`).
     """
     from jaxquant.quant.rules import layer_kernels
 
     cfg = calib.config
-    kernels = layer_kernels(model.params)
     _, capture = _model_fns(model, cfg.cfg_scale)
+    bs = cfg.batch_size
+    shapes = jax.eval_shape(capture, model.params, jnp.zeros((bs, *model.sample_shape)),
+                            jnp.zeros((bs,), jnp.int32), jnp.zeros((bs,), jnp.int32))
+    # Only the layers the denoiser runs (an LDM's first stage is not called while sampling).
+    kernels = {n: k for n, k in layer_kernels(model.params).items() if n in shapes}
     limit = cfg.memory_limit_mb * 2**20
     sizes = {n: int(np.prod(k.shape[:-1])) ** 2 * 4 for n, k in kernels.items()}
     for n, s in sizes.items():
@@ -326,7 +332,6 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[di
 
     xtx, count = {}, {}
     S, N = calib.inputs.shape[:2]
-    bs = cfg.batch_size
     total = len(chunks) * S * math.ceil(N / bs)
     bar = tqdm(total=total, desc="XᵀX", disable=not progress, unit="call")
     for names in chunks:
@@ -346,8 +351,6 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[di
             return new
 
         state = {n: jnp.zeros((int(np.prod(kernels[n].shape[:-1])),) * 2, jnp.float32) for n in names}
-        shapes = jax.eval_shape(capture, model.params, jnp.zeros((bs, *model.sample_shape)),
-                                jnp.zeros((bs,), jnp.int32), jnp.zeros((bs,), jnp.int32))
 
         def rows_of(n):  # rows accumulated: positions (× kernel windows) of every call
             k, a = kernels[n], shapes[n].shape
