@@ -510,24 +510,19 @@ def _kernel_grads(module, units, paths, kernels, base, ref, x, t, y):
     return jax.value_and_grad(loss_fn)(kernels)
 
 
-@partial(xla.jit, static_argnames=("module", "units"))
-def _minibatch_loss(module, units, params, ref, x, t, y):
-    return _mean_relative_error(_unit_outputs(module, units, params, x, t, y),
-                                _unit_outputs(module, units, ref, x, t, y))
-
-
 # Code updates try every (step scale, budget fraction) pair and keep the best (see finetune_block).
 CODE_STEP_SCALES = (1.0, 0.5, 0.25)
 CODE_BUDGET_FRACTIONS = (1.0, 0.25, 0.0625, 0.015625)
 
 
 def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, units: tuple, budget: float,
-               xtx: dict, batch: tuple, select: tuple) -> tuple[dict | None, int]:
+               xtx: dict, batch: tuple, pairs, select: np.ndarray, batch_size: int) -> tuple[dict | None, int]:
     """One PV-style code update of the block's AQ layers (see :func:`finetune_block`).
 
     The gradient comes from ``batch`` ``(x, t, y)``, the choice among candidates from the
-    loss on ``select``. Returns the tree with new codes and the number of codes changed,
-    or ``(None, 0)`` when no candidate lowers the loss on ``select``.
+    block error on the calibration ``pairs`` at indices ``select``. Returns the tree with
+    new codes and the number of codes changed, or ``(None, 0)`` when no candidate lowers
+    that error.
     """
     from jaxquant.quant.additive import AQWeight, greedy_code_update
     from jaxquant.quant.uniform import as_matrix
@@ -551,7 +546,8 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
         kappa = float(jnp.sum(g_m * eh) / jnp.maximum(jnp.sum(eh * eh), 1e-30))
         if kappa > 0:
             layers.append((p, w, wq_m, jnp.linalg.solve(h, g_m.T).T / kappa, h))
-    best, best_loss, best_changed = None, float(_minibatch_loss(model.module, units, tree, ref, *select)), 0
+    best, best_changed = None, 0
+    best_loss = _block_error(model, units, tree, ref, pairs, select, batch_size)
     for scale in CODE_STEP_SCALES:
         for frac in CODE_BUDGET_FRACTIONS:
             updates, changed = {}, 0
@@ -562,7 +558,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
             if changed == 0:
                 continue
             candidate = _set_paths(tree, updates)
-            cand_loss = float(_minibatch_loss(model.module, units, candidate, ref, *select))
+            cand_loss = _block_error(model, units, candidate, ref, pairs, select, batch_size)
             if cand_loss < best_loss:
                 best, best_loss, best_changed = candidate, cand_loss, changed
     return best, best_changed
@@ -607,6 +603,11 @@ def block_output_error(model, params: dict, float_params: dict, block: str, cali
 def _seed_of(key: jax.Array, salt: str) -> int:
     k = jax.random.fold_in(key, zlib.crc32(salt.encode()) & 0x7FFFFFFF)
     return int(jax.random.randint(k, (), 0, 2**31 - 1))
+
+
+def _check_code_updates(every: int, budget: float) -> None:
+    if every < 0 or not 0 < budget <= 1:
+        raise ConfigError(f"code_update_every must be >= 0 and code_budget in (0, 1], got {every} and {budget}")
 
 
 def finetune_block(
@@ -658,9 +659,7 @@ def finetune_block(
     """
     import optax
 
-    if code_update_every < 0 or not 0 < code_budget <= 1:
-        raise ConfigError(f"code_update_every must be >= 0 and code_budget in (0, 1], got {code_update_every} "
-                          f"and {code_budget}")
+    _check_code_updates(code_update_every, code_budget)
     t0 = time.perf_counter()
     key = _as_key(key)
     pairs = _calibration_pairs(model, calib)
@@ -694,10 +693,9 @@ def finetune_block(
         if code_update_every and (step + 1) % code_update_every == 0:
             tried += 1
             tree = _assemble(units, treedef, train_idx, leaves, theta, params)
-            js = np.sort(rng.choice(pool, min(len(pool), 4 * bs), replace=False))  # a fresh selection batch
-            select = (jnp.asarray(x[js]), jnp.asarray(t[js]), None if y is None else jnp.asarray(y[js]))
+            select = np.sort(rng.choice(pool, min(len(pool), 4 * bs), replace=False))  # a fresh selection batch
             new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget,
-                                     getattr(calib, "xtx", None) or {}, (xb, tb, yb), select)
+                                     getattr(calib, "xtx", None) or {}, (xb, tb, yb), pairs, select, bs)
             if new_tree is not None:  # take the new codes; the float leaves stay in theta
                 new_leaves = jax.tree_util.tree_leaves([_get(new_tree, u) for u in units])
                 leaves = [old if i in train_set else new for i, (old, new) in enumerate(zip(leaves, new_leaves))]
@@ -904,9 +902,7 @@ def quantize_aq(
 
     if (target_bits is None) == (plan is None):
         raise ConfigError("quantize_aq needs exactly one of target_bits (plan by budget) and plan")
-    if code_update_every < 0 or not 0 < code_budget <= 1:
-        raise ConfigError(f"code_update_every must be >= 0 and code_budget in (0, 1], got {code_update_every} "
-                          f"and {code_budget}")
+    _check_code_updates(code_update_every, code_budget)
     if code_update_every and not finetune_steps:
         raise ConfigError("code updates happen during block fine-tuning: set finetune_steps > 0")
     kernels = layer_kernels(model.params)
