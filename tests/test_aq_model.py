@@ -31,7 +31,7 @@ from jaxquant.quant.aq_model import (AQConfig, block_of, block_output_error, blo
                                      plan_aq_configs, plan_bits, plan_table, preset_config, preset_plan,
                                      proxy_distortion, quantize_aq)
 from jaxquant.quant.quantize import ActQuantConfig
-from jaxquant.quant.rules import Rule, layer_kernels
+from jaxquant.quant.rules import Rule, _copy_dicts, layer_kernels
 
 TINY = {
     "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 16],
@@ -124,6 +124,28 @@ def test_plan_is_monotone_infeasible_budgets_fail_and_fixed_configs_count():
     # A candidate list: each layer only takes the entries that fit it.
     plan = plan_aq_configs(SHAPES, 4.0, [AQConfig(1, 4, 4), AQConfig(2, 8, 8), AQConfig(2, 8, 9)])
     assert set(plan.values()) <= {AQConfig(1, 4, 4), AQConfig(2, 8, 8), AQConfig(2, 8, 9)}
+
+
+def test_layer_weights_move_bits_to_sensitive_layers():
+    counts = {n: float(np.prod(s)) for n, s in SHAPES.items()}
+    base = plan_aq_configs(SHAPES, 2.5)
+    assert plan_aq_configs(SHAPES, 2.5, layer_weights=counts) == base  # N is the default weight
+
+    def cost(plan, w):
+        return sum(w[n] * proxy_distortion(c, SHAPES[n]) for n, c in plan.items())
+
+    # A small layer that matters 1000x more per weight than its size says gets more bits.
+    sens = {**counts, "small_dense": 1000 * counts["small_dense"]}
+    plan = plan_aq_configs(SHAPES, 2.5, layer_weights=sens)
+    bits = {n: c.stored_bits(SHAPES[n]) / np.prod(SHAPES[n]) for n, c in plan.items()}
+    base_bits = {n: c.stored_bits(SHAPES[n]) / np.prod(SHAPES[n]) for n, c in base.items()}
+    assert bits["small_dense"] > base_bits["small_dense"]
+    assert plan_bits(SHAPES, plan) <= 2.5
+    assert cost(plan, sens) < cost(base, sens)  # better in the objective it was planned for
+    with pytest.raises(ConfigError, match="no weight for layer"):
+        plan_aq_configs(SHAPES, 2.5, layer_weights={"big_conv": 1.0})
+    with pytest.raises(ConfigError, match="positive and finite"):
+        plan_aq_configs(SHAPES, 2.5, layer_weights={**counts, "shortcut": 0.0})
 
 
 def test_presets_are_the_papers_configurations():
@@ -286,6 +308,54 @@ def test_bad_arguments(model, calib):
     no_xtx = type(calib)(**{**calib.__dict__, "xtx": {}})
     with pytest.raises(ConfigError, match="XᵀX"):
         quantize_aq(model, no_xtx, 3.0, rules=RULES, progress=False)
+
+
+def test_weight_sensitivity_is_output_distortion_per_unit_of_relative_error(model, calib):
+    """Checked against a direct forward pass with only that layer quantized, on the curves'
+    own inputs, and the relative error computed here from XᵀX."""
+    import re
+
+    from jaxquant.quant.uniform import WeightQuantConfig, quantize_weight
+    from jaxquant.search.rd import CurveConfig, RDProblem, weight_sensitivity
+
+    layers = ["time_embedding.linear_2", "mid_block.resnets.0.conv1"]
+    sens = weight_sensitivity(model, calib, layers, bits=(3,), inputs_per_group=4, progress=False)
+    problem = RDProblem(model, calib, None, None, [Rule(re.escape(n), WeightQuantConfig()) for n in layers],
+                        CurveConfig(weight_bits=(3,), inputs_per_group=4))
+    inp = problem.inputs
+    kernels = layer_kernels(model.params)
+    for n in layers:
+        wq = quantize_weight(kernels[n], WeightQuantConfig(bits=3))
+        deq = np.asarray(wq.dequantize(), np.float32).reshape(np.shape(kernels[n]))
+        params = _copy_dicts(model.params)
+        node = params
+        for part in aq_model._split_name(params, n):
+            node = node[part]
+        node["kernel"] = jnp.asarray(deq)
+        out = np.asarray(model.module.apply({"params": params}, inp.x, inp.t), np.float64)
+        d = np.mean([np.sum((out - inp.ref)[inp.group == g] ** 2) / np.sum(inp.ref[inp.group == g] ** 2)
+                     for g in range(problem.groups)])
+        w = np.asarray(kernels[n], np.float64).reshape(-1, np.shape(kernels[n])[-1]).T
+        delta = w - deq.astype(np.float64).reshape(-1, w.shape[0]).T
+        h = np.asarray(calib.xtx[n], np.float64)
+        e = np.trace(delta @ h @ delta.T) / np.trace(w @ h @ w.T)
+        assert sens[n] == pytest.approx(d / e, rel=2e-3)
+    with pytest.raises(ConfigError, match="XᵀX"):
+        weight_sensitivity(model, type(calib)(**{**calib.__dict__, "xtx": {}}), layers, progress=False)
+
+
+def test_sensitivity_weighted_planning(model, calib, unfinetuned, tmp_path):
+    r = quantize_aq(model, calib, TARGET, None, finetune_steps=0, layer_weighting="sensitivity",
+                    progress_dir=tmp_path / "p", **{k: v for k, v in SETTINGS.items()})
+    assert set(r.layer_weights) == set(unfinetuned.plan) and all(v > 0 for v in r.layer_weights.values())
+    assert (tmp_path / "p" / "sensitivity" / "curves.json").is_file()
+    kernels = layer_kernels(model.params)
+    assert plan_bits(kernels, r.plan) <= TARGET
+    assert r.plan == plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET, layer_weights=r.layer_weights)
+    with pytest.raises(ConfigError, match="layer_weighting must be"):
+        quantize_aq(model, calib, TARGET, layer_weighting="bogus", progress=False)
+    with pytest.raises(ConfigError, match="not to a given plan"):
+        quantize_aq(model, calib, plan=unfinetuned.plan, layer_weighting="sensitivity", progress=False)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -65,7 +65,11 @@ codebooks help by fitting the layer, at a price the budget counts), and at equal
 codes of more bits (larger codebooks, fewer of them) are better by 0.29 dB per bit: 8-bit
 codes where the bits permit. Weights without structure cannot show an advantage of
 kernel-aligned groups; the paper's configurations are :func:`preset_plan`. A layer's cost
-is ``N · 10^(proxy_dB/10)`` (all weights count alike). The planner minimises ``Σ N·d``
+is ``N · 10^(proxy_dB/10)`` (all weights count alike), or, with *sensitivity* planning,
+``s · 10^(proxy_dB/10)`` where ``s`` is the measured output distortion of the whole model
+per unit of the layer's relative error (:func:`jaxquant.search.rd.weight_sensitivity`; on
+``ddpm-fmnist`` ``s/N`` spans five orders of magnitude, the small full-resolution layers
+being the most sensitive). The planner minimises ``Σ N·d`` (or ``Σ s·d``)
 subject to the bit budget by the equal-slope (Lagrangian) rule: starting from each
 layer's cheapest configuration it takes the upgrades on the layers' lower convex hulls in
 order of distortion saved per bit, while they fit, then spends what is left on any
@@ -96,6 +100,9 @@ from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.quant import serialize
 from jaxquant.quant.additive import aq_bits_per_weight, aq_stored_bits, quantize_kernel
 from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, default_rules, layer_kernels, resolve
+
+#: How :func:`quantize_aq` weighs each layer's error when planning (see its docstring).
+LAYER_WEIGHTINGS = ("count", "sensitivity")
 
 #: ``M`` (codebooks of 2**8 entries) of AQUATIC-Diff's configurations.
 PRESETS: dict[str, int] = {"W2": 2, "W4": 4}
@@ -201,11 +208,13 @@ def proxy_distortion(cfg: AQConfig, shape: tuple[int, ...]) -> float:
     return 10.0 ** (db / 10.0)
 
 
-def _pareto_points(shape: tuple[int, ...], cands: Iterable[AQConfig]) -> list[tuple[int, float, AQConfig]]:
-    """``(bits, N·d, config)`` sorted by bits, keeping only those that lower the distortion.
+def _pareto_points(shape: tuple[int, ...], cands: Iterable[AQConfig],
+                   weight: float | None = None) -> list[tuple[int, float, AQConfig]]:
+    """``(bits, w·d, config)`` sorted by bits, keeping only those that lower the distortion;
+    ``w`` is the layer's weight in the objective (default ``N``, its number of weights).
     Ties (same bits and distortion) go to larger ``B``, larger ``g``, fewer ``M``."""
-    n = int(np.prod(shape))
-    pts = sorted({(c.stored_bits(shape), n * proxy_distortion(c, shape), c) for c in cands},
+    w = float(np.prod(shape)) if weight is None else float(weight)
+    pts = sorted({(c.stored_bits(shape), w * proxy_distortion(c, shape), c) for c in cands},
                  key=lambda p: (p[0], p[1], -p[2].nbits, -p[2].group_size, p[2].num_codebooks))
     out: list[tuple[int, float, AQConfig]] = []
     for p in pts:
@@ -234,6 +243,7 @@ def plan_aq_configs(
     candidates: Sequence[AQConfig] | Callable[[tuple[int, ...]], Sequence[AQConfig]] | None = None,
     *,
     fixed: dict[str, AQConfig] | None = None,
+    layer_weights: dict[str, float] | None = None,
 ) -> dict[str, AQConfig]:
     """Choose an AQ configuration per layer under an average bit budget.
 
@@ -245,6 +255,11 @@ def plan_aq_configs(
         ``g`` divides its weights per output channel), a function ``shape -> list``, or
         ``None`` for :func:`default_candidates`.
       fixed: layers whose configuration is given; their bits count against the budget.
+      layer_weights: ``{layer: w}``, the weight of each planned layer's relative error in
+        the objective ``Σ w·d``. Default: its number of weights ``N`` (every weight counts
+        alike). :func:`jaxquant.search.rd.weight_sensitivity` measures ``w`` as the model's
+        output distortion per unit of the layer's relative error (``"sensitivity"``
+        planning in :func:`quantize_aq`).
 
     Returns:
       ``{layer name: AQConfig}`` for every layer, in the order of ``kernels``; see the
@@ -264,6 +279,14 @@ def plan_aq_configs(
     total_weights = sum(int(np.prod(s)) for s in shapes.values())
     budget = float(target_bits) * total_weights - sum(c.stored_bits(shapes[n]) for n, c in fixed.items())
 
+    if layer_weights is not None:
+        missing = [n for n in shapes if n not in fixed and n not in layer_weights]
+        if missing:
+            raise ConfigError(f"layer_weights has no weight for layer(s) {', '.join(missing[:5])}")
+        bad = [n for n in shapes if n not in fixed and not (np.isfinite(layer_weights[n]) and layer_weights[n] > 0)]
+        if bad:
+            raise ConfigError(f"layer weights must be positive and finite; {bad[0]!r} has {layer_weights[bad[0]]!r}")
+
     points, hulls = {}, {}
     for n, s in shapes.items():
         if n in fixed:
@@ -277,7 +300,7 @@ def plan_aq_configs(
         if not cands:
             raise ConfigError(f"no AQ candidate configuration fits layer {n} (shape {s}, "
                               f"{int(np.prod(s[:-1]))} weights per output channel); keep it float with a rule")
-        points[n] = _pareto_points(s, cands)
+        points[n] = _pareto_points(s, cands, None if layer_weights is None else layer_weights[n])
         hulls[n] = _lower_hull(points[n])
 
     choice = {n: h[0] for n, h in hulls.items()}
@@ -796,12 +819,14 @@ class AQResult:
       layers: per layer ``{"name", "config", "bits_per_weight", "objective_init",
         "objective", "seconds"}`` (objective: relative ``tr(ΔW XᵀX ΔWᵀ)``).
       blocks: per fine-tuned block, the record of :func:`finetune_block`.
+      layer_weights: the planner's ``{layer: weight}`` (``None``: by number of weights).
     """
 
     params: dict
     plan: dict[str, AQConfig]
     layers: list[dict]
     blocks: list[dict]
+    layer_weights: dict[str, float] | None = None
 
     def table(self) -> str:
         """Per layer: configuration, stored bits/weight, objective after init → final."""
@@ -862,6 +887,7 @@ def quantize_aq(
     finetune_batch: int = 8,
     code_update_every: int = 0,
     code_budget: float = 0.01,
+    layer_weighting: str | dict[str, float] = "count",
     progress_dir: str | os.PathLike | None = None,
     key: Any = 0,
     aq_options: dict | None = None,
@@ -886,6 +912,11 @@ def quantize_aq(
         finetune_batch: its learning rate and calibration pairs per step.
       code_update_every, code_budget: PV-style code updates during block fine-tuning
         (:func:`finetune_block`; 0: codes frozen).
+      layer_weighting: how the planner weighs a layer's relative error: ``"count"`` (by its
+        number of weights: every weight alike), ``"sensitivity"`` (by the measured output
+        distortion per unit of its error, :func:`jaxquant.search.rd.weight_sensitivity`;
+        the curves go to ``progress_dir/sensitivity``), or ``{layer: weight}``. Only with
+        ``target_bits``.
       progress_dir: directory for finished layers/blocks; rerunning with the same
         settings resumes there (``None``: nothing is saved).
       key: PRNG key or int seed; layer ``n`` uses ``fold_in(key, crc32(n))``.
@@ -905,10 +936,25 @@ def quantize_aq(
     _check_code_updates(code_update_every, code_budget)
     if code_update_every and not finetune_steps:
         raise ConfigError("code updates happen during block fine-tuning: set finetune_steps > 0")
+    if not isinstance(layer_weighting, dict) and layer_weighting not in LAYER_WEIGHTINGS:
+        raise ConfigError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)} or a dict, "
+                          f"got {layer_weighting!r}")
+    if plan is not None and layer_weighting != "count":
+        raise ConfigError("layer_weighting applies to planning by target_bits, not to a given plan")
     kernels = layer_kernels(model.params)
+    weights = None
     if plan is None:
         names, fixed = resolve_aq_rules(kernels, rules)
-        plan = plan_aq_configs({n: kernels[n] for n in names}, target_bits, candidates, fixed=fixed)
+        if isinstance(layer_weighting, dict):
+            weights = {n: float(v) for n, v in layer_weighting.items()}
+        elif layer_weighting == "sensitivity":
+            from jaxquant.search.rd import weight_sensitivity
+
+            weights = weight_sensitivity(model, calib, [n for n in names if n not in fixed],
+                                         out_dir=None if progress_dir is None else Path(progress_dir) / "sensitivity",
+                                         progress=progress)
+        plan = plan_aq_configs({n: kernels[n] for n in names}, target_bits, candidates, fixed=fixed,
+                               layer_weights=weights)
     else:
         unknown = sorted(set(plan) - set(kernels))
         if unknown:
@@ -988,4 +1034,4 @@ def quantize_aq(
     params = _copy_dicts(params)
     full_plan = {n: plan.get(n) for n in kernels}
     params = attach_act_quantizers(model, calib, params, full_plan, acts)
-    return AQResult(params, dict(plan), [layer_recs[n] for n in plan if n in layer_recs], block_recs)
+    return AQResult(params, dict(plan), [layer_recs[n] for n in plan if n in layer_recs], block_recs, weights)

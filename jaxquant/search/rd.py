@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -729,6 +730,62 @@ def compute_curves(problem: RDProblem, out_dir: str | os.PathLike | None = None,
     curves.curves = {k: curves.curves[k] for k in sorted(curves.curves, key=lambda k: order.get(k, 1 << 30))
                      if k in wanted}
     return curves
+
+
+#: Uniform weight widths :func:`weight_sensitivity` measures by default.
+SENSITIVITY_BITS = (2, 3, 4)
+
+
+def weight_sensitivity(model, calib, layers: Sequence[str], *, bits: Sequence[int] = SENSITIVITY_BITS,
+                       inputs_per_group: int = 32, batch_size: int = 16, seed: int = 0,
+                       out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, float]:
+    """How much each layer's weight error costs at the model's output: ``{layer: s}``.
+
+    For each layer, ``s`` is the whole model's output distortion (normalised MSE, the mean
+    over timestep groups of the RD curves' ``"mse"``) per unit of the layer's relative
+    weight error ``e = tr(ΔW XᵀX ΔWᵀ) / tr(W XᵀX Wᵀ)``
+    (:func:`jaxquant.quant.additive.relative_error`), when only that layer is quantized:
+    ``D ≈ s·e`` is the first-order model behind additivity (eq. 5). Both are measured with
+    the layer's per-channel uniform quantizer at each of ``bits`` (weight RD curves of the
+    layer, :func:`compute_curves`), and ``s`` is the geometric mean of ``D(b)/e(b)``.
+    :func:`jaxquant.quant.aq_model.plan_aq_configs` uses ``s`` as the layer's weight so
+    that an AQ plan spends its bits where the output needs them.
+
+    Args:
+      model, calib: the float model and its calibration with ``XᵀX`` (``CalibConfig(xtx=True)``).
+      layers: the layers to measure (their kernels are quantized one at a time).
+      bits: uniform widths measured (2..8).
+      inputs_per_group, batch_size, seed: the curves' calibration inputs (:class:`CurveConfig`).
+      out_dir: where the curves are written (resumable), ``None``: kept in memory.
+      progress: show a progress bar.
+
+    Raises:
+      ConfigError: no ``XᵀX`` for a layer, or a layer whose error leaves the output unchanged.
+    """
+    from jaxquant.quant.additive import relative_error
+
+    layers = list(layers)
+    xtx = getattr(calib, "xtx", None) or {}
+    missing = [n for n in layers if n not in xtx]
+    if missing:
+        raise ConfigError(f"sensitivity needs the calibration's XᵀX, which lacks layer(s) {', '.join(missing[:5])}; "
+                          "calibrate with CalibConfig(xtx=True)")
+    rules = [Rule(re.escape(n), WeightQuantConfig()) for n in layers]
+    problem = RDProblem(model, calib, None, None, rules,
+                        CurveConfig(weight_bits=tuple(bits), inputs_per_group=inputs_per_group,
+                                    batch_size=batch_size, seed=seed))
+    curves = compute_curves(problem, out_dir, progress=progress)
+    out = {}
+    for n in layers:
+        c = curves.curves[f"weight:{n}"]
+        d = np.mean(curves.distortion(f"weight:{n}", "mse"), axis=0)
+        e = np.asarray([relative_error(problem.weight_quant(n, b), problem._kernels[n], xtx[n]) for b in c.bits])
+        ok = (d > 0) & (e > 0)
+        if not ok.any():
+            raise ConfigError(f"layer {n!r}: quantizing it does not change the output; its sensitivity is undefined "
+                              "(keep it float with a rule)")
+        out[n] = float(np.exp(np.mean(np.log(d[ok] / e[ok]))))
+    return out
 
 
 # --------------------------------------------------------------------------- allocation
