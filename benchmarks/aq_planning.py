@@ -5,8 +5,8 @@ For a pixel-space model and its calibration (with ``XᵀX``):
 1. measures every AQ layer's sensitivity ``s`` (output distortion per unit of relative
    weight error, :func:`jaxquant.search.rd.weight_sensitivity`);
 2. plans the layers' ``M×B gG`` to ``--w-bits`` average stored bits twice: every weight
-   alike (``count``, the default of ``jaxquant quantize --method aq``) and by ``s``
-   (``sensitivity``, ``--aq-weighting sensitivity``);
+   alike (``count``, ``--aq-weighting count``) and by ``s`` (``sensitivity``, the default
+   of ``jaxquant quantize --method aq``);
 3. quantizes both plans (no block fine-tuning, float activations: the plans alone) with
    the same keys, and measures the relative error ``‖ε̂ − ε‖² / ‖ε‖²`` of the network
    output against the float model on Fashion-MNIST test images noised to each of

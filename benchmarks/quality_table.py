@@ -17,7 +17,8 @@ Configurations are short names:
     aq-w2a8                 --method aq --w-bits 2 --a-bits 8
     aq-w2a8-ft100           ... with 100 steps of block fine-tuning (--finetune-steps 100)
     aq-w2a8-ft100-cu10      ... and PV-style code updates every 10 steps (--code-update-every 10)
-    aq-w2a8-ft100-sens      ... planned by measured layer sensitivity (--aq-weighting sensitivity)
+    aq-w2a8-ft100-count     ... planned with every weight alike (--aq-weighting count; the default,
+                            by measured layer sensitivity, may be named with -sens)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
@@ -48,7 +49,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN][-cuN][-sens] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN][-cuN][-sens|-count] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -59,8 +60,8 @@ def parse_config(name: str) -> dict:
             cfg["finetune_steps"] = int(part[2:])
         elif re.fullmatch(r"cu\d+", part) and m["method"] == "aq":
             cfg["code_update_every"] = int(part[2:])
-        elif part == "sens" and m["method"] == "aq":
-            cfg["weighting"] = "sensitivity"
+        elif part in ("sens", "count") and m["method"] == "aq":
+            cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
             cfg["distortion"] = "mse+ssim"
         else:

@@ -401,7 +401,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     return result.params, {
         "method": "aq", "w_bits": None if args.aq_preset else float(args.w_bits), "preset": args.aq_preset,
         "a_bits": args.a_bits, "timestep_groups": calib.config.groups, "beam": args.beam,
-        "weighting": args.aq_weighting,
+        "weighting": None if args.aq_preset else (args.aq_weighting or "sensitivity"),
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
         "code_budget": args.code_budget, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
         "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
@@ -602,10 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="aq: PV-style code updates every N fine-tuning steps (0: codes frozen)")
     qz.add_argument("--code-budget", type=float, default=0.01,
                     help="aq: fraction of a layer's codes one code update may change (default 0.01)")
-    qz.add_argument("--aq-weighting", choices=["count", "sensitivity"], default="count",
-                    help="aq: how the planner weighs each layer's error: by its number of weights (count), or "
-                    "by the measured output distortion per unit of its error (sensitivity: weight RD curves "
-                    "at 2-4 bits first, a few minutes)")
+    qz.add_argument("--aq-weighting", choices=["sensitivity", "count"], default=None,
+                    help="aq: how the planner weighs each layer's error: by the measured output distortion per "
+                    "unit of its error (sensitivity, the default: weight RD curves at 2-4 bits first, a few "
+                    "minutes), or by its number of weights (count)")
     qz.add_argument("--aq-preset", choices=["W2", "W4"], default=None,
                     help="aq: AQUATIC-Diff's configuration for every layer (2x8 / 4x8, g9 for 3x3 convs, g8 "
                     "otherwise) instead of planning to --w-bits")

@@ -42,7 +42,8 @@ TINY = {
 QUANTIZED = r"time_embedding\.linear_2|(down_blocks\.1|mid_block)\..*"
 RULES = [Rule(QUANTIZED, "auto"), Rule(r".*", None)]
 TARGET = 3.0
-SETTINGS = dict(rules=RULES, beam_size=2, finetune_lr=1e-3, finetune_batch=4, key=0, progress=False)
+SETTINGS = dict(rules=RULES, beam_size=2, finetune_lr=1e-3, finetune_batch=4, key=0, progress=False,
+                layer_weighting="count")  # the default, "sensitivity", has its own test
 FT_STEPS = 4
 
 
@@ -345,8 +346,9 @@ def test_weight_sensitivity_is_output_distortion_per_unit_of_relative_error(mode
 
 
 def test_sensitivity_weighted_planning(model, calib, unfinetuned, tmp_path):
-    r = quantize_aq(model, calib, TARGET, None, finetune_steps=0, layer_weighting="sensitivity",
-                    progress_dir=tmp_path / "p", **{k: v for k, v in SETTINGS.items()})
+    settings = {k: v for k, v in SETTINGS.items() if k != "layer_weighting"}
+    r = quantize_aq(model, calib, TARGET, None, finetune_steps=0, progress_dir=tmp_path / "p", **settings)
+    assert r.layer_weights is not None  # sensitivity is the default
     assert set(r.layer_weights) == set(unfinetuned.plan) and all(v > 0 for v in r.layer_weights.values())
     assert (tmp_path / "p" / "sensitivity" / "curves.json").is_file()
     kernels = layer_kernels(model.params)
@@ -374,6 +376,8 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     assert (tmp_path / "q.progress" / "progress.json").is_file()
     meta = json.loads((q / "config.json").read_text())
     assert json.dumps(meta).count('"aq"') >= 1
+    assert '"weighting": "sensitivity"' in json.dumps(meta)  # the default plan
+    assert (tmp_path / "q.progress" / "sensitivity" / "curves.json").is_file()
     m = jaxquant.load(q)
     kernels = layer_kernels(m.params)
     assert isinstance(kernels["mid_block.resnets.0.conv1"], AQWeight)

@@ -65,11 +65,13 @@ codebooks help by fitting the layer, at a price the budget counts), and at equal
 codes of more bits (larger codebooks, fewer of them) are better by 0.29 dB per bit: 8-bit
 codes where the bits permit. Weights without structure cannot show an advantage of
 kernel-aligned groups; the paper's configurations are :func:`preset_plan`. A layer's cost
-is ``N · 10^(proxy_dB/10)`` (all weights count alike), or, with *sensitivity* planning,
-``s · 10^(proxy_dB/10)`` where ``s`` is the measured output distortion of the whole model
+is ``s · 10^(proxy_dB/10)`` with *sensitivity* planning (the default of
+:func:`quantize_aq`), where ``s`` is the measured output distortion of the whole model
 per unit of the layer's relative error (:func:`jaxquant.search.rd.weight_sensitivity`; on
 ``ddpm-fmnist`` ``s/N`` spans five orders of magnitude, the small full-resolution layers
-being the most sensitive). The planner minimises ``Σ N·d`` (or ``Σ s·d``)
+being the most sensitive), or ``N · 10^(proxy_dB/10)`` with *count* planning (all
+weights count alike; the default of :func:`plan_aq_configs` when no ``layer_weights`` are
+given). The planner minimises ``Σ s·d`` (or ``Σ N·d``)
 subject to the bit budget by the equal-slope (Lagrangian) rule: starting from each
 layer's cheapest configuration it takes the upgrades on the layers' lower convex hulls in
 order of distortion saved per bit, while they fit, then spends what is left on any
@@ -887,7 +889,7 @@ def quantize_aq(
     finetune_batch: int = 8,
     code_update_every: int = 0,
     code_budget: float = 0.01,
-    layer_weighting: str | dict[str, float] = "count",
+    layer_weighting: str | dict[str, float] | None = None,
     progress_dir: str | os.PathLike | None = None,
     key: Any = 0,
     aq_options: dict | None = None,
@@ -912,11 +914,11 @@ def quantize_aq(
         finetune_batch: its learning rate and calibration pairs per step.
       code_update_every, code_budget: PV-style code updates during block fine-tuning
         (:func:`finetune_block`; 0: codes frozen).
-      layer_weighting: how the planner weighs a layer's relative error: ``"count"`` (by its
-        number of weights: every weight alike), ``"sensitivity"`` (by the measured output
-        distortion per unit of its error, :func:`jaxquant.search.rd.weight_sensitivity`;
-        the curves go to ``progress_dir/sensitivity``), or ``{layer: weight}``. Only with
-        ``target_bits``.
+      layer_weighting: how the planner weighs a layer's relative error: ``"sensitivity"``
+        (the default: by the measured output distortion per unit of its error,
+        :func:`jaxquant.search.rd.weight_sensitivity`; the curves go to
+        ``progress_dir/sensitivity``), ``"count"`` (by its number of weights: every weight
+        alike), or ``{layer: weight}``. Only with ``target_bits``.
       progress_dir: directory for finished layers/blocks; rerunning with the same
         settings resumes there (``None``: nothing is saved).
       key: PRNG key or int seed; layer ``n`` uses ``fold_in(key, crc32(n))``.
@@ -936,11 +938,12 @@ def quantize_aq(
     _check_code_updates(code_update_every, code_budget)
     if code_update_every and not finetune_steps:
         raise ConfigError("code updates happen during block fine-tuning: set finetune_steps > 0")
+    if plan is not None and layer_weighting is not None:
+        raise ConfigError("layer_weighting applies to planning by target_bits, not to a given plan")
+    layer_weighting = "sensitivity" if layer_weighting is None else layer_weighting
     if not isinstance(layer_weighting, dict) and layer_weighting not in LAYER_WEIGHTINGS:
         raise ConfigError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)} or a dict, "
                           f"got {layer_weighting!r}")
-    if plan is not None and layer_weighting != "count":
-        raise ConfigError("layer_weighting applies to planning by target_bits, not to a given plan")
     kernels = layer_kernels(model.params)
     weights = None
     if plan is None:
