@@ -165,7 +165,17 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     ips = throughput(model, args.steps, args.batch, args.cfg_scale)
     return {"config": cfg, "model_dir": str(qdir), "total_bytes": rep.total_bytes,
             "bits_per_weight": rep.bits_per_weight, "bits_per_quantized_weight": rep.bits_per_quantized_weight,
+            "denoiser_bits_per_weight": denoiser_bits_per_weight(rep),
             "images_per_s": ips, "quantize_s": round(t_quant, 1), "metrics": metrics}
+
+
+def denoiser_bits_per_weight(rep) -> float:
+    """Stored bits per parameter of the denoiser alone: a latent-diffusion model's float
+    first stage and conditioning model (``rules.NOT_DENOISER``) left out."""
+    from jaxquant.quant.rules import NOT_DENOISER
+
+    layers = [layer for layer in rep.layers if not re.fullmatch(NOT_DENOISER, layer.name)]
+    return sum(layer.bits for layer in layers) / max(sum(layer.num_weights for layer in layers), 1)
 
 
 def format_table(result: dict) -> str:
