@@ -49,7 +49,7 @@ def main() -> None:
     from jaxquant.calib.calibration import load_calibration
     from jaxquant.data.fmnist import load_fashion_mnist
     from jaxquant.diffusion.schedules import alphas_cumprod
-    from jaxquant.quant.aq_model import proxy_distortion, quantize_aq, resolve_aq_rules
+    from jaxquant.quant.aq_model import plan_bits, proxy_distortion, quantize_aq, resolve_aq_rules
     from jaxquant.quant.rules import layer_kernels
     from jaxquant.search.rd import weight_sensitivity
 
@@ -93,10 +93,8 @@ def main() -> None:
                           layer_weighting="count" if weighting == "count" else sens,
                           progress_dir=work / f"{weighting}-w{args.w_bits:g}")
         secs = time.perf_counter() - t0
-        stored = sum(r["bits_per_weight"] * np.prod(np.shape(kernels[r["name"]])) for r in res.layers)
-        n_w = sum(np.prod(np.shape(kernels[n])) for n in res.plan)
         rows[weighting] = {
-            "bits_per_weight": float(stored / n_w),
+            "bits_per_weight": plan_bits(kernels, res.plan),
             "predicted": float(sum(sens[n] * proxy_distortion(c, np.shape(kernels[n])) for n, c in res.plan.items())),
             "output_error": dict(zip(map(str, args.timesteps), output_errors(res.params))),
             "plan": {n: c.describe() for n, c in res.plan.items()},

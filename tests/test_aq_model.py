@@ -329,10 +329,7 @@ def test_weight_sensitivity_is_output_distortion_per_unit_of_relative_error(mode
         wq = quantize_weight(kernels[n], WeightQuantConfig(bits=3))
         deq = np.asarray(wq.dequantize(), np.float32).reshape(np.shape(kernels[n]))
         params = _copy_dicts(model.params)
-        node = params
-        for part in aq_model._split_name(params, n):
-            node = node[part]
-        node["kernel"] = jnp.asarray(deq)
+        aq_model._set_layer(params, n, jnp.asarray(deq))
         out = np.asarray(model.module.apply({"params": params}, inp.x, inp.t), np.float64)
         d = np.mean([np.sum((out - inp.ref)[inp.group == g] ** 2) / np.sum(inp.ref[inp.group == g] ** 2)
                      for g in range(problem.groups)])
