@@ -335,7 +335,8 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[di
     total = len(chunks) * S * math.ceil(N / bs)
     bar = tqdm(total=total, desc="XᵀX", disable=not progress, unit="call")
     for names in chunks:
-        @xla.jit
+        # the accumulators are updated in place (donated): no fresh [K, K] buffers per call
+        @xla.jit(donate_argnames=("acc_state",))
         def acc(params, acc_state, x, t, y, names=tuple(names)):
             acts = capture(params, x, t, y)
             new = {}
