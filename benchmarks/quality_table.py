@@ -75,7 +75,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             "--a-bits", "none" if cfg["a_bits"] is None else str(cfg["a_bits"]), "--calib", str(calib_dir),
             "--out", str(out)]
     if cfg["method"] == "rd":
-        argv += ["--distortion", cfg["distortion"]]
+        # curves depend on neither the budget nor the distortion kind: one set per group count
+        argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / f"rd-curves-g{cfg['groups']}")]
     if cfg.get("finetune_steps"):
         argv += ["--finetune-steps", str(cfg["finetune_steps"])]
     if cfg.get("code_update_every"):
@@ -236,7 +237,11 @@ def main() -> None:
             print(f"{name}: done before, skipped")
             continue
         print(f"== {name}")
-        result["configs"][name] = run_config(name, args, work)
+        row = run_config(name, args, work)
+        # merge into the file as it is now: rows finished or edited by others meanwhile stay
+        if out.is_file():
+            result["configs"] = json.loads(out.read_text()).get("configs", {})
+        result["configs"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(format_table(result))

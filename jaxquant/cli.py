@@ -434,9 +434,10 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
 
     wcfg, acfg, rules, ccfg = _rd_configs(args, args.a_bits)
     calib = _load_or_calibrate(args, model, xtx=False)
-    curves_dir = args.curves or f"{str(args.out).rstrip('/')}.rd"
+    report_dir = f"{str(args.out).rstrip('/')}.rd"
+    curves_dir = args.curves or report_dir
     result = quantize_model_rd(model, calib, args.w_bits, args.a_bits, weights=wcfg, acts=acfg, rules=rules,
-                               config=ccfg, distortion=args.distortion, out_dir=curves_dir,
+                               config=ccfg, distortion=args.distortion, out_dir=report_dir, curves_dir=curves_dir,
                                additivity_plans=args.rd_additivity, plots=not args.no_plots)
     plan = result.plan
     print(Path(result.files["report"]).read_text().rstrip())
@@ -589,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
     _add_rd_args(qz)
     qz.add_argument("--curves", default=None, metavar="DIR",
-                    help="rd: curves (resumable), plan, report and plots (default OUT.rd)")
+                    help="rd: curves directory, resumable and shareable between budgets (default OUT.rd; "
+                         "the plan, report and plots always go to OUT.rd)")
     qz.add_argument("--rd-additivity", type=int, default=16, metavar="N",
                     help="rd: random plans of the additivity check (0: skip)")
     qz.add_argument("--no-plots", action="store_true", help="rd: do not write PNG plots")

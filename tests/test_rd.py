@@ -390,9 +390,10 @@ def test_cli_rd_quantize_info_and_curves(setup, tmp_path, capsys):
                      "--curves", str(cdir2), "--rd-additivity", "2", "--out", str(q)]) == 0
     out = capsys.readouterr().out
     assert "additivity over 2 random plans" in out and "bits per quantized weight" in out
+    report_dir = tmp_path / "q.rd"
     for f in ("plan.json", "report.json", "report.md", "allocation.png", "additivity.png"):
-        assert (cdir2 / f).is_file(), f
-    plan = json.loads((cdir2 / "plan.json").read_text())
+        assert (report_dir / f).is_file() and not (cdir2 / f).exists(), f
+    plan = json.loads((report_dir / "plan.json").read_text())
     assert plan == rd.allocate_plan(curves, 4, 6, "mse+ssim").to_json()
     info = cli.info_report(str(q))
     rows = {r["name"]: r for r in info["layers"]}

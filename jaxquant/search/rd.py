@@ -1130,6 +1130,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
                       weights: WeightQuantConfig | None = None, acts: ActQuantConfig | None = None,
                       rules: Sequence[Rule] | None = None, config: CurveConfig = CurveConfig(),
                       distortion: str = "mse", out_dir: str | os.PathLike | None = None,
+                      curves_dir: str | os.PathLike | None = None,
                       additivity_plans: int = 16, plots: bool = True, progress: bool = True) -> RDResult:
     """Rate–distortion mixed precision end to end: curves → plan → quantized params.
 
@@ -1139,15 +1140,17 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
       a_bits: average activation bits (``None``: activations stay float).
       weights, acts, rules, config: see :class:`RDProblem` and :class:`CurveConfig`.
       distortion: ``"mse"`` or ``"mse+ssim"`` (:mod:`jaxquant.search.distortion`).
-      out_dir: curves (resumable), ``plan.json``, ``report.json``/``report.md`` and the
-        plots go here (``None``: nothing is written).
+      out_dir: ``plan.json``, ``report.json``/``report.md`` and the plots go here, and
+        the curves too unless ``curves_dir`` is given (``None``: nothing is written).
+      curves_dir: where the curves are kept (resumable); curves do not depend on the
+        budget or the distortion kind, so several plans can share one directory.
       additivity_plans: random plans of the additivity check (0: skip it).
       plots: write PNG plots to ``out_dir``.
     """
     if a_bits is not None and acts is None:
         acts = ActQuantConfig(bits=int(round(min(max(a_bits, 4), 8))))
     problem = RDProblem(model, calib, weights, acts if a_bits is not None else None, rules, config)
-    curves = compute_curves(problem, out_dir, progress=progress)
+    curves = compute_curves(problem, curves_dir if curves_dir is not None else out_dir, progress=progress)
     plan = allocate_plan(curves, w_bits, a_bits, distortion)
     params = quantize_rd(problem, plan)
     measured = group_distortion(curves, measure_distortion(problem, params), distortion)
@@ -1156,6 +1159,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
     files: dict[str, str] = {}
     if out_dir is not None:
         out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         files["plan"] = str(out / "plan.json")
         _save_json(out / "plan.json", plan.to_json())
         report = {"distortion": distortion, "w_bits": w_bits, "a_bits": a_bits, "groups": curves.groups,
