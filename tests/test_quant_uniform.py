@@ -162,6 +162,26 @@ def test_calibration_ranges_and_xtx_match_direct_computation(model_dir, calib):
     assert calib.xtx_count[site] == 8 * 8 * 8 * 4
 
 
+@pytest.mark.parametrize("h,w,kh,kw,strides,padding", [
+    (8, 8, 3, 3, (1, 1), ((1, 1), (1, 1))),   # SAME 3x3, the UNet case
+    (5, 7, 3, 3, (1, 1), ((0, 0), (0, 0))),   # VALID, non-square
+    (6, 6, 3, 3, (1, 1), ((2, 0), (0, 1))),   # asymmetric padding
+    (2, 2, 3, 3, (1, 1), ((1, 1), (1, 1))),   # image smaller than the kernel window
+    (4, 4, 3, 3, (1, 1), ((3, 3), (3, 3))),   # padding wider than the kernel
+    (9, 9, 5, 3, (1, 1), ((2, 2), (1, 1))),   # non-square kernel
+    (8, 8, 3, 3, (2, 2), ((1, 1), (1, 1))),   # strided: the im2col fallback
+])
+def test_conv_input_xtx_equals_the_im2col_product(h, w, kh, kw, strides, padding):
+    x = np.random.default_rng(h * 31 + kh).standard_normal((2, h, w, 3)).astype(np.float32)
+    xp = np.pad(x.astype(np.float64), ((0, 0), *padding, (0, 0)))
+    ho = (xp.shape[1] - kh) // strides[0] + 1
+    wo = (xp.shape[2] - kw) // strides[1] + 1
+    rows = np.stack([xp[:, i:i + strides[0] * ho:strides[0], j:j + strides[1] * wo:strides[1], :]
+                     for i in range(kh) for j in range(kw)], axis=3).reshape(-1, kh * kw * 3)
+    got = np.asarray(jax.jit(lambda a: calib_mod.conv_input_xtx(a, kh, kw, strides, padding))(jnp.asarray(x)))
+    np.testing.assert_allclose(got, rows.T @ rows, rtol=1e-5, atol=1e-4)
+
+
 def test_split_sites_have_two_ranges(calib):
     split_sites = [s for s, v in calib.lo.items() if v.shape[1] == 2]
     assert "up_blocks.0.resnets.0.conv_shortcut" in split_sites

@@ -288,6 +288,75 @@ def _num_classes(model) -> int:
     return int(n) - 1 if getattr(c, "unconditional_label", None) is not None else int(n)
 
 
+def conv_input_xtx(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
+    """``rowsᵀ·rows`` of the im2col rows of an NHWC input ``x`` (kernel order ``(kh, kw, c)``),
+    without forming the rows for stride-1 convolutions.
+
+    Block ``(p, q)`` of the result (taps ``p = (a, b)``, ``q = (a', b')``, each ``C×C``) is
+    ``Σ x[u, v]ᵀ x[u + a'-a, v + b'-b]`` over the image positions ``(u, v)`` that tap ``p``
+    reads: a shifted autocorrelation of the image, restricted to a window. A ``kh×kw``
+    kernel has ``(2kh-1)(2kw-1)`` shifts, half of them transposes of the others, against
+    ``(kh·kw)²`` blocks; so each block is the full correlation at its shift (computed
+    once per shift) minus the few border rows and columns outside its window, or the
+    window sum itself when that is smaller. Only blocks with ``p ≤ q`` are computed; the
+    rest are transposes. For a 3×3 convolution on 32×32 inputs that is about 4× fewer
+    multiply-adds than ``rowsᵀ·rows``, with the same result up to float rounding.
+    Strided convolutions fall back to the im2col rows.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    if tuple(strides) != (1, 1):
+        rows = _conv_rows(x, kh, kw, strides, padding)
+        return jnp.dot(rows.T, rows, precision=hi)
+    (pt, pb), (pl, pr) = padding
+    _, h, w, c = x.shape
+    ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
+
+    def corr(u0, u1, v0, v1, d, e):  # Σ over u in [u0, u1), v in [v0, v1) of x[u, v]ᵀ x[u+d, v+e]
+        if u1 <= u0 or v1 <= v0:
+            return None
+        lhs = x[:, u0:u1, v0:v1].reshape(-1, c)
+        rhs = x[:, u0 + d:u1 + d, v0 + e:v1 + e].reshape(-1, c)
+        return jnp.dot(lhs.T, rhs, precision=hi)
+
+    def valid(d, n):  # positions u with u and u+d inside [0, n)
+        return max(0, -d), min(n, n - d)
+
+    full: dict[tuple[int, int], jax.Array] = {}
+
+    def full_corr(d, e):
+        if (-d, -e) in full:
+            return full[(-d, -e)].T
+        if (d, e) not in full:
+            (u0, u1), (v0, v1) = valid(d, h), valid(e, w)
+            f = corr(u0, u1, v0, v1, d, e)
+            full[(d, e)] = jnp.zeros((c, c), x.dtype) if f is None else f
+        return full[(d, e)]
+
+    taps = [(a, b) for a in range(kh) for b in range(kw)]
+    blocks: dict[tuple[int, int], jax.Array] = {}
+    for i, (a, b) in enumerate(taps):
+        for j in range(i, len(taps)):
+            a2, b2 = taps[j]
+            d, e = a2 - a, b2 - b
+            (u0, u1), (v0, v1) = valid(d, h), valid(e, w)
+            # the image rows / columns tap (a, b) reads, among the valid ones
+            r0, r1 = max(u0, a - pt), min(u1, a - pt + ho)
+            c0, c1 = max(v0, b - pl), min(v1, b - pl + wo)
+            if r1 <= r0 or c1 <= c0:
+                blk = jnp.zeros((c, c), x.dtype)
+            elif (r1 - r0) * (c1 - c0) <= (u1 - u0) * (v1 - v0) - (r1 - r0) * (c1 - c0):
+                blk = corr(r0, r1, c0, c1, d, e)
+            else:
+                blk = full_corr(d, e)
+                for part in (corr(u0, r0, v0, v1, d, e), corr(r1, u1, v0, v1, d, e),
+                             corr(r0, r1, v0, c0, d, e), corr(r0, r1, c1, v1, d, e)):
+                    if part is not None:
+                        blk = blk - part
+            blocks[(i, j)] = blk
+    return jnp.block([[blocks[(i, j)] if i <= j else blocks[(j, i)].T for j in range(len(taps))]
+                      for i in range(len(taps))])
+
+
 def _conv_rows(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
     """im2col rows of an NHWC input in kernel order (kh, kw, in)."""
     p = jax.lax.conv_general_dilated_patches(x, (kh, kw), strides, padding,
@@ -345,10 +414,10 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[di
                 a = acts[n].astype(jnp.float32)
                 if len(k.shape) == 2 or k.shape[:2] == (1, 1):
                     rows = a.reshape(-1, a.shape[-1])
+                    new[n] = acc_state[n] + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
                 else:
                     strides, pad = geom[n]
-                    rows = _conv_rows(a, k.shape[0], k.shape[1], strides, pad)
-                new[n] = acc_state[n] + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+                    new[n] = acc_state[n] + conv_input_xtx(a, k.shape[0], k.shape[1], strides, pad)
             return new
 
         state = {n: jnp.zeros((int(np.prod(kernels[n].shape[:-1])),) * 2, jnp.float32) for n in names}
