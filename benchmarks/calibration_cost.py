@@ -9,7 +9,9 @@ groups. Two phases, timed apart, as ``calibrate`` runs them:
    samples: one jitted call per (step, batch) that reruns the network and adds ``rowsᵀrows``
    for every layer. Every call does the same work, so ``--xtx-steps K`` times the phase on
    K evenly spaced steps of the S and also prints the total projected linearly to all S
-   (labelled as projected); by default all S steps are run.
+   (labelled as projected); by default all S steps are run. ``--compare-im2col`` also
+   runs the same steps with the im2col reference (rows formed, then ``rowsᵀ·rows``) and
+   prints the ratio of the two, measured in the same run.
 
 Peak resident memory of the process is read after each phase.
 
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--no-xtx", action="store_true", help="skip the XᵀX phase")
     ap.add_argument("--xtx-steps", type=int, default=None,
                     help="time the XᵀX phase on this many of the steps and project to all (default: all)")
+    ap.add_argument("--compare-im2col", action="store_true",
+                    help="also time the XᵀX phase with the im2col reference on the same steps")
     ap.add_argument("--memory-limit-mb", type=int, default=4096)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -87,7 +91,15 @@ def main() -> None:
         t0 = time.perf_counter()
         xtx, _ = accumulate_xtx(model, sub)
         wall = time.perf_counter() - t0
-        res.update(xtx_steps_run=len(keep), xtx_s=wall, xtx_peak_rss_mb=_peak_mb(),
+        peak = _peak_mb()
+        if args.compare_im2col:
+            t0 = time.perf_counter()
+            ref, _ = accumulate_xtx(model, sub, conv_method="im2col")
+            res["xtx_im2col_s"] = time.perf_counter() - t0
+            res["xtx_max_rel_diff"] = max(float(np.abs(xtx[n] - ref[n]).max() / max(np.abs(ref[n]).max(), 1e-30))
+                                          for n in ref)
+            del ref
+        res.update(xtx_steps_run=len(keep), xtx_s=wall, xtx_peak_rss_mb=peak,
                    xtx_mb=sum(v.nbytes for v in xtx.values()) / 2**20, xtx_layers=len(xtx))
         calls = len(keep) * -(-args.num_samples // args.batch_size)
         line = (f"  XᵀX of {len(xtx)} layers ({res['xtx_mb']:.0f} MiB): {wall:.1f} s for {len(keep)} of {args.steps} "
@@ -96,6 +108,10 @@ def main() -> None:
             res["xtx_projected_s"] = wall * args.steps / len(keep)
             line += f"; all {args.steps} steps projected: {res['xtx_projected_s']:.0f} s"
         print(line)
+        if args.compare_im2col:
+            print(f"  im2col reference on the same steps: {res['xtx_im2col_s']:.1f} s, "
+                  f"{res['xtx_im2col_s'] / wall:.2f}x the shift-based time (largest difference "
+                  f"{res['xtx_max_rel_diff']:.1e} of a layer's largest entry)")
         total = res["trajectories_s"] + res.get("xtx_projected_s", wall)
         print(f"  calibration with XᵀX: {total:.0f} s" + (" (XᵀX part projected)" if len(keep) < args.steps else ""))
     if args.json:

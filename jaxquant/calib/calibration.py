@@ -367,14 +367,20 @@ def _conv_rows(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
     return p.reshape(-1, kh * kw * c)
 
 
-def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[dict, dict]:
+def accumulate_xtx(model, calib: Calibration, progress: bool = True,
+                   conv_method: str = "shift") -> tuple[dict, dict]:
     """``XᵀX`` of every weight layer's input over all calibration inputs.
 
     Every dense/conv layer the denoiser runs gets one (not an LDM's first stage).
 
     Conv rows are im2col patches with the layer's own stride and padding (read off
-    the network by :func:`jaxquant.models.introspect.conv_layers`).
+    the network by :func:`jaxquant.models.introspect.conv_layers`). ``conv_method``
+    ``"shift"`` (default) sums them as shifted autocorrelations without forming the rows
+    (:func:`conv_input_xtx`); ``"im2col"`` forms the rows and multiplies (the reference,
+    kept for comparisons).
     """
+    if conv_method not in ("shift", "im2col"):
+        raise ConfigError(f"conv_method must be 'shift' or 'im2col', not {conv_method!r}")
     from jaxquant.quant.rules import layer_kernels
 
     cfg = calib.config
@@ -417,7 +423,11 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True) -> tuple[di
                     new[n] = acc_state[n] + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
                 else:
                     strides, pad = geom[n]
-                    new[n] = acc_state[n] + conv_input_xtx(a, k.shape[0], k.shape[1], strides, pad)
+                    if conv_method == "shift":
+                        new[n] = acc_state[n] + conv_input_xtx(a, k.shape[0], k.shape[1], strides, pad)
+                    else:
+                        rows = _conv_rows(a, k.shape[0], k.shape[1], strides, pad)
+                        new[n] = acc_state[n] + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
             return new
 
         state = {n: jnp.zeros((int(np.prod(kernels[n].shape[:-1])),) * 2, jnp.float32) for n in names}
