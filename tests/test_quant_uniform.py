@@ -182,6 +182,17 @@ def test_conv_input_xtx_equals_the_im2col_product(h, w, kh, kw, strides, padding
     np.testing.assert_allclose(got, rows.T @ rows, rtol=1e-5, atol=1e-4)
 
 
+def test_accumulate_xtx_methods_agree(model_dir, calib):
+    m = jaxquant.load(model_dir)
+    shift, n1 = calib_mod.accumulate_xtx(m, calib, progress=False)
+    ref, n2 = calib_mod.accumulate_xtx(m, calib, progress=False, conv_method="im2col")
+    assert n1 == n2 and shift.keys() == ref.keys() == calib.xtx.keys()
+    for n in ref:
+        np.testing.assert_allclose(shift[n], ref[n], rtol=1e-4, atol=1e-4 * np.abs(ref[n]).max())
+    with pytest.raises(ConfigError, match="conv_method"):
+        calib_mod.accumulate_xtx(m, calib, conv_method="fft")
+
+
 def test_split_sites_have_two_ranges(calib):
     split_sites = [s for s, v in calib.lo.items() if v.shape[1] == 2]
     assert "up_blocks.0.resnets.0.conv_shortcut" in split_sites
