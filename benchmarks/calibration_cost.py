@@ -5,9 +5,9 @@ groups. Two phases, timed apart, as ``calibrate`` runs them:
 
 1. trajectories: the model's own DDIM sampler, every layer's inputs captured per step
    (ranges, reservoir samples, the float outputs as references);
-2. ``XᵀX`` of every weight layer's input (im2col rows for convolutions) over all steps and
-   samples: one jitted call per (step, batch) that reruns the network and adds ``rowsᵀrows``
-   for every layer. Every call does the same work, so ``--xtx-steps K`` times the phase on
+2. ``XᵀX`` of every weight layer's input (im2col rows for convolutions, summed as shifted
+   autocorrelations) over all steps and samples: one jitted call per (step, batch) that
+   reruns the network and adds every layer's ``XᵀX``. Every call does the same work, so ``--xtx-steps K`` times the phase on
    K evenly spaced steps of the S and also prints the total projected linearly to all S
    (labelled as projected); by default all S steps are run. ``--compare-im2col`` also
    runs the same steps with the im2col reference (rows formed, then ``rowsᵀ·rows``) and

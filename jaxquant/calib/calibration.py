@@ -288,9 +288,14 @@ def _num_classes(model) -> int:
     return int(n) - 1 if getattr(c, "unconditional_label", None) is not None else int(n)
 
 
-def conv_input_xtx(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
+def _gram(rows: jax.Array) -> jax.Array:
+    return jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+def conv_input_xtx(x: jax.Array, kh: int, kw: int, strides, padding, method: str = "shift") -> jax.Array:
     """``rowsᵀ·rows`` of the im2col rows of an NHWC input ``x`` (kernel order ``(kh, kw, c)``),
-    without forming the rows for stride-1 convolutions.
+    without forming the rows for stride-1 convolutions (``method="im2col"``: form them,
+    the reference).
 
     Block ``(p, q)`` of the result (taps ``p = (a, b)``, ``q = (a', b')``, each ``C×C``) is
     ``Σ x[u, v]ᵀ x[u + a'-a, v + b'-b]`` over the image positions ``(u, v)`` that tap ``p``
@@ -303,10 +308,8 @@ def conv_input_xtx(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Arra
     multiply-adds than ``rowsᵀ·rows``, with the same result up to float rounding.
     Strided convolutions fall back to the im2col rows.
     """
-    hi = jax.lax.Precision.HIGHEST
-    if tuple(strides) != (1, 1):
-        rows = _conv_rows(x, kh, kw, strides, padding)
-        return jnp.dot(rows.T, rows, precision=hi)
+    if method == "im2col" or tuple(strides) != (1, 1):
+        return _gram(_conv_rows(x, kh, kw, strides, padding))
     (pt, pb), (pl, pr) = padding
     _, h, w, c = x.shape
     ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
@@ -316,7 +319,7 @@ def conv_input_xtx(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Arra
             return None
         lhs = x[:, u0:u1, v0:v1].reshape(-1, c)
         rhs = x[:, u0 + d:u1 + d, v0 + e:v1 + e].reshape(-1, c)
-        return jnp.dot(lhs.T, rhs, precision=hi)
+        return jnp.dot(lhs.T, rhs, precision=jax.lax.Precision.HIGHEST)
 
     def valid(d, n):  # positions u with u and u+d inside [0, n)
         return max(0, -d), min(n, n - d)
@@ -419,15 +422,10 @@ def accumulate_xtx(model, calib: Calibration, progress: bool = True,
                 k = kernels[n]
                 a = acts[n].astype(jnp.float32)
                 if len(k.shape) == 2 or k.shape[:2] == (1, 1):
-                    rows = a.reshape(-1, a.shape[-1])
-                    new[n] = acc_state[n] + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+                    new[n] = acc_state[n] + _gram(a.reshape(-1, a.shape[-1]))
                 else:
                     strides, pad = geom[n]
-                    if conv_method == "shift":
-                        new[n] = acc_state[n] + conv_input_xtx(a, k.shape[0], k.shape[1], strides, pad)
-                    else:
-                        rows = _conv_rows(a, k.shape[0], k.shape[1], strides, pad)
-                        new[n] = acc_state[n] + jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+                    new[n] = acc_state[n] + conv_input_xtx(a, k.shape[0], k.shape[1], strides, pad, conv_method)
             return new
 
         state = {n: jnp.zeros((int(np.prod(kernels[n].shape[:-1])),) * 2, jnp.float32) for n in names}
