@@ -19,6 +19,7 @@ Configurations are short names:
     aq-w2a8-ft100-cu10      ... and PV-style code updates every 10 steps (--code-update-every 10)
     aq-w2a8-ft100-count     ... planned with every weight alike (--aq-weighting count; the default,
                             by measured layer sensitivity, may be named with -sens)
+    aq-w2a8-ft100-rmin1     ... no layer below 1 code bit per weight (--aq-min-code-bits 1; 0p5: 0.5)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
@@ -49,7 +50,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN][-cuN][-sens|-count] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN][-cuN][-sens|-count][-rminR] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -60,6 +61,8 @@ def parse_config(name: str) -> dict:
             cfg["finetune_steps"] = int(part[2:])
         elif re.fullmatch(r"cu\d+", part) and m["method"] == "aq":
             cfg["code_update_every"] = int(part[2:])
+        elif re.fullmatch(r"rmin\d+(p\d+)?", part) and m["method"] == "aq":
+            cfg["min_code_bits"] = float(part[4:].replace("p", "."))
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -83,6 +86,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         argv += ["--code-update-every", str(cfg["code_update_every"])]
     if cfg.get("weighting"):
         argv += ["--aq-weighting", cfg["weighting"]]
+    if cfg.get("min_code_bits"):
+        argv += ["--aq-min-code-bits", str(cfg["min_code_bits"])]
     return argv
 
 

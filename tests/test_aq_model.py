@@ -149,6 +149,30 @@ def test_layer_weights_move_bits_to_sensitive_layers():
         plan_aq_configs(SHAPES, 2.5, layer_weights={**counts, "shortcut": 0.0})
 
 
+def test_min_code_bits_floors_every_planned_layer():
+    # Weights that make the big layer nearly free to starve: without a floor it falls below 1 code bit.
+    counts = {n: float(np.prod(s)) for n, s in SHAPES.items()}
+    skewed = {**counts, "big_conv": 1e-6 * counts["big_conv"]}
+    free = plan_aq_configs(SHAPES, 2.0, layer_weights=skewed)
+    assert free["big_conv"].code_bits < 1
+    floored = plan_aq_configs(SHAPES, 2.0, layer_weights=skewed, min_code_bits=1.0)
+    assert all(c.code_bits >= 1 for c in floored.values())
+    assert plan_bits(SHAPES, floored) <= 2.0
+    # Among plans that respect the floor, the floored one is at least as good in its objective.
+    def cost(plan):
+        return sum(skewed[n] * proxy_distortion(c, SHAPES[n]) for n, c in plan.items())
+
+    assert cost(free) <= cost(floored)
+    assert plan_aq_configs(SHAPES, 2.0, layer_weights=skewed, min_code_bits=0.0) == free
+    # A fixed layer is not subject to the floor.
+    fixed = plan_aq_configs(SHAPES, 2.0, fixed={"big_conv": AQConfig(1, 4, 18)}, min_code_bits=1.0)
+    assert fixed["big_conv"] == AQConfig(1, 4, 18)
+    with pytest.raises(ConfigError, match="code bits per weight or more"):
+        plan_aq_configs(SHAPES, 8.0, min_code_bits=70.0)
+    with pytest.raises(ConfigError, match="min_code_bits"):
+        plan_aq_configs(SHAPES, 2.0, min_code_bits=-1.0)
+
+
 def test_presets_are_the_papers_configurations():
     assert preset_config((3, 3, 192, 192), "W2") == AQConfig(2, 8, 9)
     assert preset_config((3, 3, 192, 192), "W4") == AQConfig(4, 8, 9)
@@ -355,6 +379,14 @@ def test_sensitivity_weighted_planning(model, calib, unfinetuned, tmp_path):
         quantize_aq(model, calib, TARGET, layer_weighting="bogus", progress=False)
     with pytest.raises(ConfigError, match="not to a given plan"):
         quantize_aq(model, calib, plan=unfinetuned.plan, layer_weighting="sensitivity", progress=False)
+    with pytest.raises(ConfigError, match="not to a given plan"):
+        quantize_aq(model, calib, plan=unfinetuned.plan, min_code_bits=1.0, progress=False)
+    # The floor reaches the planner: same weights, every layer at 1 code bit per weight or more.
+    floored = quantize_aq(model, calib, TARGET, None, finetune_steps=0, min_code_bits=1.0,
+                          **{**settings, "layer_weighting": r.layer_weights})
+    assert all(c.code_bits >= 1 for c in floored.plan.values())
+    assert floored.plan == plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET,
+                                           layer_weights=r.layer_weights, min_code_bits=1.0)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -366,7 +398,8 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     rules.write_text(f"- pattern: '{QUANTIZED}'\n  config: auto\n- pattern: '.*'\n  config: null\n")
     q = tmp_path / "q"
     argv = ["quantize", str(model_dir), "--method", "aq", "--w-bits", "3", "--a-bits", "8", "--calib", str(cal),
-            "--rules", str(rules), "--beam", "2", "--finetune-steps", "0", "--out", str(q)]
+            "--rules", str(rules), "--beam", "2", "--finetune-steps", "0", "--aq-min-code-bits", "0.5",
+            "--out", str(q)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "average" in out and "bits per quantized weight" in out
@@ -374,6 +407,7 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     meta = json.loads((q / "config.json").read_text())
     assert json.dumps(meta).count('"aq"') >= 1
     assert '"weighting": "sensitivity"' in json.dumps(meta)  # the default plan
+    assert '"min_code_bits": 0.5' in json.dumps(meta)
     assert (tmp_path / "q.progress" / "sensitivity" / "curves.json").is_file()
     m = jaxquant.load(q)
     kernels = layer_kernels(m.params)

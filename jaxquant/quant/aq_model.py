@@ -246,6 +246,7 @@ def plan_aq_configs(
     *,
     fixed: dict[str, AQConfig] | None = None,
     layer_weights: dict[str, float] | None = None,
+    min_code_bits: float = 0.0,
 ) -> dict[str, AQConfig]:
     """Choose an AQ configuration per layer under an average bit budget.
 
@@ -262,6 +263,10 @@ def plan_aq_configs(
         alike). :func:`jaxquant.search.rd.weight_sensitivity` measures ``w`` as the model's
         output distortion per unit of the layer's relative error (``"sensitivity"``
         planning in :func:`quantize_aq`).
+      min_code_bits: a floor on the planned layers' code bits per weight ``r = M·B/g``:
+        candidates below it are dropped. The proxy is fitted on ``1 ≤ r ≤ 2`` and the
+        sensitivities are measured at the errors of 2-4-bit uniform weights; a floor of 1
+        keeps every layer where both were measured.
 
     Returns:
       ``{layer name: AQConfig}`` for every layer, in the order of ``kernels``; see the
@@ -281,6 +286,8 @@ def plan_aq_configs(
     total_weights = sum(int(np.prod(s)) for s in shapes.values())
     budget = float(target_bits) * total_weights - sum(c.stored_bits(shapes[n]) for n, c in fixed.items())
 
+    if not (np.isfinite(min_code_bits) and min_code_bits >= 0):
+        raise ConfigError(f"min_code_bits must be a finite number >= 0, got {min_code_bits!r}")
     if layer_weights is not None:
         missing = [n for n in shapes if n not in fixed and n not in layer_weights]
         if missing:
@@ -302,6 +309,10 @@ def plan_aq_configs(
         if not cands:
             raise ConfigError(f"no AQ candidate configuration fits layer {n} (shape {s}, "
                               f"{int(np.prod(s[:-1]))} weights per output channel); keep it float with a rule")
+        cands = [c for c in cands if c.code_bits >= min_code_bits]
+        if not cands:
+            raise ConfigError(f"no AQ candidate configuration of layer {n} has {min_code_bits:g} code bits per "
+                              "weight or more; lower min_code_bits or widen the candidates")
         points[n] = _pareto_points(s, cands, None if layer_weights is None else layer_weights[n])
         hulls[n] = _lower_hull(points[n])
 
@@ -890,6 +901,7 @@ def quantize_aq(
     code_update_every: int = 0,
     code_budget: float = 0.01,
     layer_weighting: str | dict[str, float] | None = None,
+    min_code_bits: float = 0.0,
     progress_dir: str | os.PathLike | None = None,
     key: Any = 0,
     aq_options: dict | None = None,
@@ -919,6 +931,8 @@ def quantize_aq(
         :func:`jaxquant.search.rd.weight_sensitivity`; the curves go to
         ``progress_dir/sensitivity``), ``"count"`` (by its number of weights: every weight
         alike), or ``{layer: weight}``. Only with ``target_bits``.
+      min_code_bits: the planner's floor on each layer's code bits per weight
+        (:func:`plan_aq_configs`; 0: none). Only with ``target_bits``.
       progress_dir: directory for finished layers/blocks; rerunning with the same
         settings resumes there (``None``: nothing is saved).
       key: PRNG key or int seed; layer ``n`` uses ``fold_in(key, crc32(n))``.
@@ -938,8 +952,8 @@ def quantize_aq(
     _check_code_updates(code_update_every, code_budget)
     if code_update_every and not finetune_steps:
         raise ConfigError("code updates happen during block fine-tuning: set finetune_steps > 0")
-    if plan is not None and layer_weighting is not None:
-        raise ConfigError("layer_weighting applies to planning by target_bits, not to a given plan")
+    if plan is not None and (layer_weighting is not None or min_code_bits):
+        raise ConfigError("layer_weighting and min_code_bits apply to planning by target_bits, not to a given plan")
     layer_weighting = "sensitivity" if layer_weighting is None else layer_weighting
     if not isinstance(layer_weighting, dict) and layer_weighting not in LAYER_WEIGHTINGS:
         raise ConfigError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)} or a dict, "
@@ -957,7 +971,7 @@ def quantize_aq(
                                          out_dir=None if progress_dir is None else Path(progress_dir) / "sensitivity",
                                          progress=progress)
         plan = plan_aq_configs({n: kernels[n] for n in names}, target_bits, candidates, fixed=fixed,
-                               layer_weights=weights)
+                               layer_weights=weights, min_code_bits=min_code_bits)
     else:
         unknown = sorted(set(plan) - set(kernels))
         if unknown:
