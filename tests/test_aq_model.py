@@ -27,8 +27,8 @@ from jaxquant.quant import aq_model
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.activation import ActQuant
 from jaxquant.quant.additive import AQWeight, aq_bits_per_weight, relative_error
-from jaxquant.quant.aq_model import (AQConfig, block_of, block_output_error, block_units, finetune_block,
-                                     plan_aq_configs, plan_bits, plan_table, preset_config, preset_plan,
+from jaxquant.quant.aq_model import (AQConfig, block_of, block_output_error, block_units, default_candidates,
+                                     finetune_block, plan_aq_configs, plan_bits, plan_table, preset_config, preset_plan,
                                      proxy_distortion, quantize_aq)
 from jaxquant.quant.quantize import ActQuantConfig
 from jaxquant.quant.rules import Rule, _copy_dicts, layer_kernels
@@ -145,8 +145,15 @@ def test_layer_weights_move_bits_to_sensitive_layers():
     assert cost(plan, sens) < cost(base, sens)  # better in the objective it was planned for
     with pytest.raises(ConfigError, match="no weight for layer"):
         plan_aq_configs(SHAPES, 2.5, layer_weights={"big_conv": 1.0})
-    with pytest.raises(ConfigError, match="positive and finite"):
-        plan_aq_configs(SHAPES, 2.5, layer_weights={**counts, "shortcut": 0.0})
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="finite and >= 0"):
+            plan_aq_configs(SHAPES, 2.5, layer_weights={**counts, "shortcut": bad})
+    # A layer the output does not depend on (weight 0) gets its cheapest candidate.
+    free = plan_aq_configs(SHAPES, 2.5, layer_weights={**counts, "shortcut": 0.0})
+    cheapest = min(default_candidates(SHAPES["shortcut"]), key=lambda c: c.stored_bits(SHAPES["shortcut"]))
+    assert free["shortcut"].stored_bits(SHAPES["shortcut"]) == cheapest.stored_bits(SHAPES["shortcut"])
+    assert cost(free, counts) - counts["shortcut"] * proxy_distortion(free["shortcut"], SHAPES["shortcut"]) \
+        <= cost(base, counts) - counts["shortcut"] * proxy_distortion(base["shortcut"], SHAPES["shortcut"])
 
 
 def test_min_code_bits_floors_every_planned_layer():
@@ -364,6 +371,27 @@ def test_weight_sensitivity_is_output_distortion_per_unit_of_relative_error(mode
         assert sens[n] == pytest.approx(d / e, rel=2e-3)
     with pytest.raises(ConfigError, match="XᵀX"):
         weight_sensitivity(model, type(calib)(**{**calib.__dict__, "xtx": {}}), layers, progress=False)
+
+
+def test_layers_the_output_does_not_depend_on_have_zero_sensitivity(model, calib):
+    """With the attention's output projection zeroed, its q/k/v projections cannot change
+    the output (as a cross-attention's keys over one context token cannot): s = 0, not an
+    error, and the planner gives them their cheapest configuration."""
+    from jaxquant.search.rd import weight_sensitivity
+
+    att = "mid_block.attentions.0"
+    params = _copy_dicts(model.params)
+    kernels = layer_kernels(model.params)
+    aq_model._set_layer(params, f"{att}.to_out.0", jnp.zeros_like(kernels[f"{att}.to_out.0"]))
+    cut = jaxquant.Model(model.meta, params)
+    layers = [f"{att}.to_q", f"{att}.to_k", "mid_block.resnets.0.conv1"]
+    sens = weight_sensitivity(cut, calib, layers, bits=(3,), inputs_per_group=4, progress=False)
+    assert sens[f"{att}.to_q"] == 0.0 and sens[f"{att}.to_k"] == 0.0
+    assert sens["mid_block.resnets.0.conv1"] > 0
+    shapes = {n: np.shape(kernels[n]) for n in layers}
+    plan = plan_aq_configs(shapes, 3.0, layer_weights=sens)
+    for n in layers[:2]:
+        assert plan[n].stored_bits(shapes[n]) == min(c.stored_bits(shapes[n]) for c in default_candidates(shapes[n]))
 
 
 def test_sensitivity_weighted_planning(model, calib, unfinetuned, tmp_path):

@@ -262,7 +262,7 @@ def plan_aq_configs(
         the objective ``Σ w·d``. Default: its number of weights ``N`` (every weight counts
         alike). :func:`jaxquant.search.rd.weight_sensitivity` measures ``w`` as the model's
         output distortion per unit of the layer's relative error (``"sensitivity"``
-        planning in :func:`quantize_aq`).
+        planning in :func:`quantize_aq`). A layer of weight 0 gets its cheapest candidate.
       min_code_bits: a floor on the planned layers' code bits per weight ``r = M·B/g``:
         candidates below it are dropped. The proxy is fitted on ``1 ≤ r ≤ 2`` and the
         sensitivities are measured at the errors of 2-4-bit uniform weights; a floor of 1
@@ -292,9 +292,9 @@ def plan_aq_configs(
         missing = [n for n in shapes if n not in fixed and n not in layer_weights]
         if missing:
             raise ConfigError(f"layer_weights has no weight for layer(s) {', '.join(missing[:5])}")
-        bad = [n for n in shapes if n not in fixed and not (np.isfinite(layer_weights[n]) and layer_weights[n] > 0)]
+        bad = [n for n in shapes if n not in fixed and not (np.isfinite(layer_weights[n]) and layer_weights[n] >= 0)]
         if bad:
-            raise ConfigError(f"layer weights must be positive and finite; {bad[0]!r} has {layer_weights[bad[0]]!r}")
+            raise ConfigError(f"layer weights must be finite and >= 0; {bad[0]!r} has {layer_weights[bad[0]]!r}")
 
     points, hulls = {}, {}
     for n, s in shapes.items():

@@ -749,7 +749,10 @@ def weight_sensitivity(model, calib, layers: Sequence[str], *, bits: Sequence[in
     the layer's per-channel uniform quantizer at each of ``bits`` (weight RD curves of the
     layer, :func:`compute_curves`), and ``s`` is the geometric mean of ``D(b)/e(b)``.
     :func:`jaxquant.quant.aq_model.plan_aq_configs` uses ``s`` as the layer's weight so
-    that an AQ plan spends its bits where the output needs them.
+    that an AQ plan spends its bits where the output needs them. A layer the output does
+    not depend on at all (the output is bit-identical at every width: the key projection
+    of a cross-attention over a single context token) gets ``s = 0``, so the planner
+    gives it its cheapest configuration.
 
     Args:
       model, calib: the float model and its calibration with ``XᵀX`` (``CalibConfig(xtx=True)``).
@@ -760,7 +763,8 @@ def weight_sensitivity(model, calib, layers: Sequence[str], *, bits: Sequence[in
       progress: show a progress bar.
 
     Raises:
-      ConfigError: no ``XᵀX`` for a layer, or a layer whose error leaves the output unchanged.
+      ConfigError: no ``XᵀX`` for a layer, or a layer whose quantization changes the output
+        but not its weighted error.
     """
     from jaxquant.quant.additive import relative_error
 
@@ -781,10 +785,16 @@ def weight_sensitivity(model, calib, layers: Sequence[str], *, bits: Sequence[in
         d = np.mean(curves.distortion(f"weight:{n}", "mse"), axis=0)
         e = np.asarray([relative_error(problem.weight_quant(n, b), problem._kernels[n], xtx[n]) for b in c.bits])
         ok = (d > 0) & (e > 0)
-        if not ok.any():
-            raise ConfigError(f"layer {n!r}: quantizing it does not change the output; its sensitivity is undefined "
+        if ok.any():
+            out[n] = float(np.exp(np.mean(np.log(d[ok] / e[ok]))))
+        elif np.all(d == 0):
+            # The output does not depend on this layer at all (e.g. the key projection of a
+            # cross-attention over one context token: softmax over one key is 1).
+            out[n] = 0.0
+        else:
+            raise ConfigError(f"layer {n!r}: quantizing it changes the output but not its weighted error "
+                              "tr(ΔW XᵀX ΔWᵀ) on the calibration's XᵀX, so its sensitivity is undefined "
                               "(keep it float with a rule)")
-        out[n] = float(np.exp(np.mean(np.log(d[ok] / e[ok]))))
     return out
 
 
