@@ -91,6 +91,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = quantize_aq(model, calib, args.w_bits, None, beam_size=args.beam,
                           layer_weighting="count" if weighting == "count" else sens,
+                          min_code_bits=0.0,  # the two weightings alone (quantize_aq's floor is 1 by default)
                           progress_dir=work / f"{weighting}-w{args.w_bits:g}")
         secs = time.perf_counter() - t0
         rows[weighting] = {

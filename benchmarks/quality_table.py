@@ -19,7 +19,8 @@ Configurations are short names:
     aq-w2a8-ft100-cu10      ... and PV-style code updates every 10 steps (--code-update-every 10)
     aq-w2a8-ft100-count     ... planned with every weight alike (--aq-weighting count; the default,
                             by measured layer sensitivity, may be named with -sens)
-    aq-w2a8-ft100-rmin1     ... no layer below 1 code bit per weight (--aq-min-code-bits 1; 0p5: 0.5)
+    aq-w2a8-ft100-rmin1     ... no layer below 1 code bit per weight (--aq-min-code-bits 1, the CLI's
+                            default; 0p5: 0.5). Without -rminR: no floor (--aq-min-code-bits 0)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
@@ -86,8 +87,9 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         argv += ["--code-update-every", str(cfg["code_update_every"])]
     if cfg.get("weighting"):
         argv += ["--aq-weighting", cfg["weighting"]]
-    if cfg.get("min_code_bits"):
-        argv += ["--aq-min-code-bits", str(cfg["min_code_bits"])]
+    if cfg["method"] == "aq":
+        # without -rminR: no floor, as the rows measured before the floor (and its default of 1) existed
+        argv += ["--aq-min-code-bits", str(cfg.get("min_code_bits", 0.0))]
     return argv
 
 

@@ -375,7 +375,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     """``--method aq``: additive quantization (AQUATIC-Diff) planned to an average of
     ``--w-bits`` stored bits per weight (or the paper's ``--aq-preset``), optional block
     fine-tuning, activations at ``--a-bits``; resumable from ``--aq-progress``."""
-    from jaxquant.quant.aq_model import plan_table, preset_plan, quantize_aq
+    from jaxquant.quant.aq_model import DEFAULT_MIN_CODE_BITS, plan_table, preset_plan, quantize_aq
     from jaxquant.quant.quantize import ActQuantConfig
     from jaxquant.quant.rules import layer_kernels, load_rules
 
@@ -390,10 +390,13 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
         kernels = layer_kernels(model.params)
         names, _ = resolve_aq_rules(kernels, rules)
         plan = preset_plan({n: kernels[n] for n in names}, args.aq_preset)
+    floor = args.aq_min_code_bits  # with --aq-preset, given: an error from quantize_aq
+    if floor is None and not args.aq_preset:
+        floor = DEFAULT_MIN_CODE_BITS
     result = quantize_aq(model, calib, None if plan else float(args.w_bits), acfg, plan=plan, rules=rules,
                          beam_size=args.beam, finetune_steps=args.finetune_steps,
                          code_update_every=args.code_update_every, code_budget=args.code_budget,
-                         layer_weighting=args.aq_weighting, min_code_bits=args.aq_min_code_bits,
+                         layer_weighting=args.aq_weighting, min_code_bits=floor,
                          progress_dir=progress_dir,
                          key=args.seed)
     kernels = layer_kernels(model.params)
@@ -403,7 +406,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "method": "aq", "w_bits": None if args.aq_preset else float(args.w_bits), "preset": args.aq_preset,
         "a_bits": args.a_bits, "timestep_groups": calib.config.groups, "beam": args.beam,
         "weighting": None if args.aq_preset else (args.aq_weighting or "sensitivity"),
-        "min_code_bits": args.aq_min_code_bits,
+        "min_code_bits": floor,
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
         "code_budget": args.code_budget, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
         "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
@@ -610,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="aq: how the planner weighs each layer's error: by the measured output distortion per "
                     "unit of its error (sensitivity, the default: weight RD curves at 2-4 bits first, a few "
                     "minutes), or by its number of weights (count)")
-    qz.add_argument("--aq-min-code-bits", type=float, default=0.0, metavar="R",
-                    help="aq: plan no layer below R code bits per weight (M·B/g; default 0: no floor)")
+    qz.add_argument("--aq-min-code-bits", type=float, default=None, metavar="R",
+                    help="aq: plan no layer below R code bits per weight (M·B/g; default 1; 0: no floor)")
     qz.add_argument("--aq-preset", choices=["W2", "W4"], default=None,
                     help="aq: AQUATIC-Diff's configuration for every layer (2x8 / 4x8, g9 for 3x3 convs, g8 "
                     "otherwise) instead of planning to --w-bits")

@@ -402,19 +402,21 @@ def test_sensitivity_weighted_planning(model, calib, unfinetuned, tmp_path):
     assert (tmp_path / "p" / "sensitivity" / "curves.json").is_file()
     kernels = layer_kernels(model.params)
     assert plan_bits(kernels, r.plan) <= TARGET
-    assert r.plan == plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET, layer_weights=r.layer_weights)
+    assert r.plan == plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET, layer_weights=r.layer_weights,
+                                     min_code_bits=aq_model.DEFAULT_MIN_CODE_BITS)  # the default floor
+    assert all(c.code_bits >= aq_model.DEFAULT_MIN_CODE_BITS for c in r.plan.values())
     with pytest.raises(ConfigError, match="layer_weighting must be"):
         quantize_aq(model, calib, TARGET, layer_weighting="bogus", progress=False)
     with pytest.raises(ConfigError, match="not to a given plan"):
         quantize_aq(model, calib, plan=unfinetuned.plan, layer_weighting="sensitivity", progress=False)
     with pytest.raises(ConfigError, match="not to a given plan"):
         quantize_aq(model, calib, plan=unfinetuned.plan, min_code_bits=1.0, progress=False)
-    # The floor reaches the planner: same weights, every layer at 1 code bit per weight or more.
-    floored = quantize_aq(model, calib, TARGET, None, finetune_steps=0, min_code_bits=1.0,
+    # Another floor reaches the planner: same weights, every layer at 1.5 code bits per weight or more.
+    floored = quantize_aq(model, calib, TARGET, None, finetune_steps=0, min_code_bits=1.5,
                           **{**settings, "layer_weighting": r.layer_weights})
-    assert all(c.code_bits >= 1 for c in floored.plan.values())
+    assert all(c.code_bits >= 1.5 for c in floored.plan.values())
     assert floored.plan == plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET,
-                                           layer_weights=r.layer_weights, min_code_bits=1.0)
+                                           layer_weights=r.layer_weights, min_code_bits=1.5)
 
 
 # --------------------------------------------------------------------------- CLI
