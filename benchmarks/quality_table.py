@@ -244,6 +244,9 @@ def main() -> None:
             print(f"{name}: done before, skipped")
             continue
         print(f"== {name}")
+        from jaxquant import xla
+
+        xla.release_compiled_if_crowded()  # each configuration compiles its own sampler, quantizer, ...
         row = run_config(name, args, work)
         # merge into the file as it is now: rows finished or edited by others meanwhile stay
         if out.is_file():

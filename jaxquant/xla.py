@@ -123,3 +123,31 @@ def jit(fun: Callable | None = None, /, *, options: str = "dense-conv", **kwargs
     if fun is None:
         return functools.partial(jit, options=options, **kwargs)
     return _Jitted(fun, options, kwargs)
+
+
+#: Where Linux tells a process's memory mappings and their cap (module attributes, so tests can point elsewhere).
+_MAPS_FILE, _MAP_LIMIT_FILE = "/proc/self/maps", "/proc/sys/vm/max_map_count"
+
+
+def release_compiled_if_crowded(fraction: float = 0.5) -> bool:
+    """Drop JAX's compiled executables when the process's memory mappings near the limit.
+
+    Every XLA CPU executable keeps about five memory mappings of JIT'd code, and Linux caps a
+    process at ``vm.max_map_count`` (65 530 by default). A long run that compiles for many
+    shapes (AQ over hundreds of layers, several quantize-sample-evaluate configurations in
+    one process) passes the cap, and LLVM then fails with "Cannot allocate memory" and the
+    process dies. Called between units of such work, this clears JAX's caches
+    (``jax.clear_caches``; later calls recompile) once the mappings pass ``fraction`` of the
+    cap. Returns whether it cleared; a no-op where ``/proc`` does not tell.
+    """
+    try:
+        with open(_MAP_LIMIT_FILE) as f:
+            limit = int(f.read().strip())
+        with open(_MAPS_FILE, "rb") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return False
+    if used <= fraction * limit:
+        return False
+    jax.clear_caches()
+    return True

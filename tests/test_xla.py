@@ -58,3 +58,20 @@ def test_env_switch_restores_xla_defaults():
     env = {**os.environ, "JAXQUANT_XLA_DEFAULTS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "{}"
+
+
+def test_compiled_executables_are_released_when_mappings_near_the_cap(tmp_path, monkeypatch):
+    f = jax.jit(lambda x: x * 2.0)
+    f(jnp.ones(3)).block_until_ready()
+    assert f._cache_size() == 1
+    limit = tmp_path / "max_map_count"
+    limit.write_text(f"{10 ** 9}\n")
+    monkeypatch.setattr(xla, "_MAP_LIMIT_FILE", str(limit))
+    assert xla.release_compiled_if_crowded() is False  # far from the cap: caches kept
+    assert f._cache_size() == 1
+    limit.write_text("16\n")  # any process has more than 8 mappings
+    assert xla.release_compiled_if_crowded() is True
+    assert f._cache_size() == 0
+    np.testing.assert_allclose(np.asarray(f(jnp.ones(3))), 2.0)  # recompiles on the next call
+    monkeypatch.setattr(xla, "_MAP_LIMIT_FILE", str(tmp_path / "absent"))
+    assert xla.release_compiled_if_crowded() is False  # no /proc: a no-op

@@ -1042,6 +1042,7 @@ def quantize_aq(
                 if store:
                     store.save("layer", name, {"kernel": weight}, rec)
             _set_layer(params, name, weight)
+            xla.release_compiled_if_crowded()  # a compilation per layer shape and config adds up
             layer_recs[name] = rec
             bar.set_postfix_str(f"{name}: objective {rec['objective_init']:.4f} -> {rec['objective']:.4f}")
             bar.update(1)
