@@ -239,13 +239,13 @@ def main() -> None:
     result.setdefault("date", time.strftime("%Y-%m-%d"))
     result.setdefault("machine", machine())
     print(result["machine"])
+    from jaxquant import xla
+
     for name in args.configs:
         if name in result["configs"]:
             print(f"{name}: done before, skipped")
             continue
         print(f"== {name}")
-        from jaxquant import xla
-
         xla.release_compiled_if_crowded()  # each configuration compiles its own sampler, quantizer, ...
         row = run_config(name, args, work)
         # merge into the file as it is now: rows finished or edited by others meanwhile stay
