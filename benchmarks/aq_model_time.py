@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5, help="AQ rounds (Adam + beam search) per layer at most")
     ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument("--progress-dir", default=None,
+                    help="keep finished layers/blocks here so a killed run resumes (default: a temporary directory); "
+                         "a resumed run reports the stored per-layer seconds")
     ap.add_argument("--json", action="store_true", help="write benchmarks/results/aq_model_time.json")
     args = ap.parse_args()
 
@@ -80,7 +83,8 @@ def main() -> None:
     kernels = layer_kernels(model.params)
     names = [n for n, c in resolve(kernels, default_rules("aq")).items() if c is not None]
     plan = None if args.target else preset_plan({n: kernels[n] for n in names}, args.preset)
-    with tempfile.TemporaryDirectory() as progress_dir:
+    with tempfile.TemporaryDirectory() as tmp:
+        progress_dir = args.progress_dir or tmp
         t0 = time.perf_counter()
         res = quantize_aq(model, calib, args.target, ActQuantConfig(bits=8), plan=plan, beam_size=args.beam,
                           finetune_steps=args.finetune_steps, progress_dir=progress_dir,
