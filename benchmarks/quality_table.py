@@ -22,6 +22,7 @@ Configurations are short names:
     aq-w2a8-ft100-rmin1     ... no layer below 1 code bit per weight (--aq-min-code-bits 1, the CLI's
                             default; 0p5: 0.5). Without -rminR: no floor (--aq-min-code-bits 0)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
+    rd-w6a6-g10-wmin5       ... no weight layer below 5 bits (--rd-min-w-bits 5)
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
 rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
@@ -51,7 +52,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-ftN][-cuN][-sens|-count][-rminR] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-ftN][-cuN][-sens|-count][-rminR] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -64,6 +65,8 @@ def parse_config(name: str) -> dict:
             cfg["code_update_every"] = int(part[2:])
         elif re.fullmatch(r"rmin\d+(p\d+)?", part) and m["method"] == "aq":
             cfg["min_code_bits"] = float(part[4:].replace("p", "."))
+        elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
+            cfg["min_weight_bits"] = int(part[4:])
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -81,6 +84,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     if cfg["method"] == "rd":
         # curves depend on neither the budget nor the distortion kind: one set per group count
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / f"rd-curves-g{cfg['groups']}")]
+        if cfg.get("min_weight_bits"):
+            argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("finetune_steps"):
         argv += ["--finetune-steps", str(cfg["finetune_steps"])]
     if cfg.get("code_update_every"):

@@ -443,14 +443,16 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     curves_dir = args.curves or report_dir
     result = quantize_model_rd(model, calib, args.w_bits, args.a_bits, weights=wcfg, acts=acfg, rules=rules,
                                config=ccfg, distortion=args.distortion, out_dir=report_dir, curves_dir=curves_dir,
-                               additivity_plans=args.rd_additivity, plots=not args.no_plots)
+                               min_weight_bits=args.rd_min_w_bits, additivity_plans=args.rd_additivity,
+                               plots=not args.no_plots)
     plan = result.plan
     print(Path(result.files["report"]).read_text().rstrip())
     return result.params, {
         "method": "rd", "w_bits": args.w_bits, "a_bits": args.a_bits, "distortion": args.distortion,
         "timestep_groups": calib.config.groups, "symmetric": args.symmetric, "group_size": args.group_size,
         "act_method": args.act_method, "softmax_bits": args.softmax_bits, "rules": args.rules,
-        "rd_inputs": args.rd_inputs, "curves": str(curves_dir), "predicted_distortion": plan.predicted,
+        "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits, "curves": str(curves_dir),
+        "predicted_distortion": plan.predicted,
         "measured_distortion": result.measured,
         "additivity_r2": result.additivity.r2 if result.additivity is not None else None,
         "weight_bits": plan.weight_bits, "act_bits": {k: list(v) for k, v in plan.act_bits.items()}}
@@ -597,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--curves", default=None, metavar="DIR",
                     help="rd: curves directory, resumable and shareable between budgets (default OUT.rd; "
                          "the plan, report and plots always go to OUT.rd)")
+    qz.add_argument("--rd-min-w-bits", type=int, default=None, metavar="B",
+                    help="rd: no weight layer below B bits (default: any candidate width)")
     qz.add_argument("--rd-additivity", type=int, default=16, metavar="N",
                     help="rd: random plans of the additivity check (0: skip)")
     qz.add_argument("--no-plots", action="store_true", help="rd: do not write PNG plots")

@@ -285,6 +285,27 @@ def test_plan_meets_budgets_and_round_trips(setup, tmp_path):
         rd.quantize_rd(problem, pg)
 
 
+def test_weight_floor_keeps_every_layer_at_or_above_it(setup):
+    _, _, _, problem, curves, _ = setup
+    free = rd.allocate_plan(curves, 4, 6)
+    assert min(free.weight_bits.values()) < 4  # without a floor some layer goes below the average
+    # At the average itself the floor leaves one feasible plan: every layer at 4 bits.
+    at4 = rd.allocate_plan(curves, 4, 6, min_weight_bits=4)
+    assert set(at4.weight_bits.values()) == {4} and at4.min_weight_bits == 4
+    assert at4.weight_size <= at4.weight_budget == free.weight_budget
+    assert at4.act_bits == free.act_bits  # activations are allocated apart from the weights
+    floor3 = rd.allocate_plan(curves, 5, 6, min_weight_bits=3)
+    assert min(floor3.weight_bits.values()) >= 3 and floor3.weight_size <= floor3.weight_budget
+    np.testing.assert_allclose(floor3.predicted, rd.predicted_distortion(curves, floor3.weight_bits,
+                                                                        floor3.act_bits, "mse"))
+    # Per-group copies (2 groups here) share one budget: at 8 bits, about 4 bits per copy.
+    pg = rd.allocate_plan(curves, 8, None, per_group_weights=True, min_weight_bits=3)
+    assert all(min(v) >= 3 for v in pg.weight_bits.values()) and pg.weight_size <= pg.weight_budget
+    assert min(min(v) for v in rd.allocate_plan(curves, 8, None, per_group_weights=True).weight_bits.values()) < 3
+    with pytest.raises(ConfigError, match="above the average"):
+        rd.allocate_plan(curves, 4, 6, min_weight_bits=5)
+
+
 def test_joint_measurement_and_additivity(setup, tmp_path):
     _, _, _, problem, curves, _ = setup
     rng = np.random.default_rng(3)
@@ -415,6 +436,14 @@ def test_cli_rd_quantize_info_and_curves(setup, tmp_path, capsys):
             assert list(node[s.leaf].group_bits) == plan["act_bits"][s.name]
     assert cli.main(["sample", str(q), "--num", "2", "--steps", "2", "--batch-size", "2",
                      "--out", str(tmp_path / "s.npz")]) == 0
+    # A weight floor at the average leaves every layer at it; it is recorded with the model.
+    q2 = tmp_path / "q2"
+    assert cli.main(["quantize", str(model.path), "--method", "rd", "--w-bits", "4", "--a-bits", "6",
+                     "--calib", str(cdir), "--rules", str(rules), "--rd-inputs", "3", "--curves", str(cdir2),
+                     "--rd-min-w-bits", "4", "--rd-additivity", "0", "--no-plots", "--out", str(q2)]) == 0
+    assert "no weight layer below 4 bits" in capsys.readouterr().out
+    meta2 = jaxquant.load(q2).meta.extra["quantized"]
+    assert meta2["rd_min_w_bits"] == 4 and set(meta2["weight_bits"].values()) == {4}
 
 
 def test_guided_models_are_measured_with_the_unconditional_label_too():

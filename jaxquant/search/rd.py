@@ -912,6 +912,7 @@ class RDPlan:
       weight_size / weight_budget: total weight storage (bits) and its budget.
       act_size / act_budget: per group, activation size (values × bits) and budget.
       predicted: per group, the sum of the chosen curve points (eq. 5).
+      min_weight_bits: no weight layer was given fewer bits (``None``: no floor).
     """
 
     distortion: str
@@ -923,6 +924,7 @@ class RDPlan:
     act_size: list[float]
     act_budget: float
     predicted: list[float]
+    min_weight_bits: int | None = None
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "act_bits": {k: list(v) for k, v in self.act_bits.items()},
@@ -941,13 +943,19 @@ def weight_budget(curves: RDCurves, w_bits: float) -> float:
 
 
 def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distortion: str = "mse",
-                  per_group_weights: bool = False) -> RDPlan:
+                  per_group_weights: bool = False, min_weight_bits: int | None = None) -> RDPlan:
     """Choose every site's bits from the curves for average ``w_bits`` / ``a_bits``.
 
     Weights: budget :func:`weight_budget`; shared weights are chosen on the sum over
     groups of their distortion, per-group weights on each group's curve with all
     copies in the one budget. Activations (``a_bits`` not ``None``): per group, budget
     ``a_bits × Σ values``, on that group's curves.
+
+    ``min_weight_bits``: no weight layer below this width (its smaller candidates are
+    left out of the allocation; the budget is unchanged). The single-step output
+    distortion of the curves rates the low-resolution layers as cheap, and the samples
+    disagree (BENCHMARKS.md, RD W4A4): the floor bounds how far the allocation may
+    follow it.
     """
     if distortion not in DISTORTIONS:
         raise ConfigError(f"unknown distortion {distortion!r}; choose one of {', '.join(DISTORTIONS)}")
@@ -955,17 +963,31 @@ def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distort
     wc = curves.of_kind("weight")
     dist = {k: curves.distortion(k, distortion) for k in curves.curves}
     budget_w = weight_budget(curves, w_bits)
+    if min_weight_bits is not None and min_weight_bits > w_bits:
+        raise ConfigError(f"the weight floor of {min_weight_bits} bits is above the average of {w_bits}")
+    # the candidates each weight curve may take (all, or those at the floor and above)
+    allowed = []
+    for c in wc:
+        idx = np.flatnonzero(np.asarray(c.bits) >= (min_weight_bits or 0))
+        if idx.size == 0:
+            raise ConfigError(f"{c.site.name}: no weight candidate at or above {min_weight_bits} bits "
+                              f"(candidates {list(c.bits)})")
+        allowed.append(idx)
     predicted = np.zeros(G)
     if per_group_weights:
-        alloc = allocate([(c.sizes, dist[c.site.key][g]) for c in wc for g in range(G)], budget_w)
-        ch = alloc.choice.reshape(len(wc), G)
+        alloc = allocate([(np.asarray(c.sizes)[ix], dist[c.site.key][g][ix])
+                          for c, ix in zip(wc, allowed) for g in range(G)], budget_w)
+        ch = np.asarray([ix[alloc.choice[i * G:(i + 1) * G]] for i, ix in enumerate(allowed)],
+                        np.int64).reshape(len(wc), G)
         weight_bits = {c.site.name: tuple(int(c.bits[j]) for j in ch[i]) for i, c in enumerate(wc)}
         for i, c in enumerate(wc):
             predicted += dist[c.site.key][np.arange(G), ch[i]]
     else:
-        alloc = allocate([(c.sizes, dist[c.site.key].sum(axis=0)) for c in wc], budget_w)
-        weight_bits = {c.site.name: int(c.bits[j]) for c, j in zip(wc, alloc.choice)}
-        for c, j in zip(wc, alloc.choice):
+        alloc = allocate([(np.asarray(c.sizes)[ix], dist[c.site.key].sum(axis=0)[ix])
+                          for c, ix in zip(wc, allowed)], budget_w)
+        choice = [int(ix[j]) for ix, j in zip(allowed, alloc.choice)]
+        weight_bits = {c.site.name: int(c.bits[j]) for c, j in zip(wc, choice)}
+        for c, j in zip(wc, choice):
             predicted += dist[c.site.key][:, j]
     ac = curves.of_kind("act")
     act_bits: dict[str, list[int]] = {c.site.name: [] for c in ac}
@@ -979,7 +1001,7 @@ def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distort
                 act_bits[c.site.name].append(int(c.bits[j]))
                 predicted[g] += dist[c.site.key][g, j]
     return RDPlan(distortion, weight_bits, {k: tuple(v) for k, v in act_bits.items() if v}, per_group_weights,
-                  alloc.size, budget_w, act_size, budget_a, predicted.tolist())
+                  alloc.size, budget_w, act_size, budget_a, predicted.tolist(), min_weight_bits)
 
 
 # --------------------------------------------------------------------------- quantized models and checks
@@ -1140,7 +1162,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
                       weights: WeightQuantConfig | None = None, acts: ActQuantConfig | None = None,
                       rules: Sequence[Rule] | None = None, config: CurveConfig = CurveConfig(),
                       distortion: str = "mse", out_dir: str | os.PathLike | None = None,
-                      curves_dir: str | os.PathLike | None = None,
+                      curves_dir: str | os.PathLike | None = None, min_weight_bits: int | None = None,
                       additivity_plans: int = 16, plots: bool = True, progress: bool = True) -> RDResult:
     """Rate–distortion mixed precision end to end: curves → plan → quantized params.
 
@@ -1154,6 +1176,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
         the curves too unless ``curves_dir`` is given (``None``: nothing is written).
       curves_dir: where the curves are kept (resumable); curves do not depend on the
         budget or the distortion kind, so several plans can share one directory.
+      min_weight_bits: no weight layer below this width (:func:`allocate_plan`).
       additivity_plans: random plans of the additivity check (0: skip it).
       plots: write PNG plots to ``out_dir``.
     """
@@ -1161,7 +1184,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
         acts = ActQuantConfig(bits=int(round(min(max(a_bits, 4), 8))))
     problem = RDProblem(model, calib, weights, acts if a_bits is not None else None, rules, config)
     curves = compute_curves(problem, curves_dir if curves_dir is not None else out_dir, progress=progress)
-    plan = allocate_plan(curves, w_bits, a_bits, distortion)
+    plan = allocate_plan(curves, w_bits, a_bits, distortion, min_weight_bits=min_weight_bits)
     params = quantize_rd(problem, plan)
     measured = group_distortion(curves, measure_distortion(problem, params), distortion)
     add = additivity_check(problem, curves, additivity_plans, distortion, progress=progress) \
@@ -1173,6 +1196,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
         files["plan"] = str(out / "plan.json")
         _save_json(out / "plan.json", plan.to_json())
         report = {"distortion": distortion, "w_bits": w_bits, "a_bits": a_bits, "groups": curves.groups,
+                  "min_weight_bits": min_weight_bits,
                   "predicted": plan.predicted, "measured": measured.tolist(),
                   "weight_size_bits": plan.weight_size, "weight_budget_bits": plan.weight_budget,
                   "act_size": plan.act_size, "act_budget": plan.act_budget,
@@ -1207,7 +1231,8 @@ def format_report(report: dict) -> str:
     """A short Markdown summary of :func:`quantize_model_rd`'s ``report.json``."""
     lines = [f"# Rate–distortion mixed precision ({report['distortion']})", "",
              f"- target: W{report['w_bits']} A{report['a_bits'] if report['a_bits'] is not None else '-float'} "
-             f"average bits, {report['groups']} timestep group(s)",
+             f"average bits, {report['groups']} timestep group(s)"
+             + (f", no weight layer below {report['min_weight_bits']} bits" if report.get("min_weight_bits") else ""),
              f"- weight storage: {report['weight_size_bits']:.0f} of {report['weight_budget_bits']:.0f} bits allowed"]
     if report["act_size"]:
         used = ", ".join(f"{s / max(report['act_budget'], 1):.3f}" for s in report["act_size"])
