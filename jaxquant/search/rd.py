@@ -965,14 +965,9 @@ def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distort
     budget_w = weight_budget(curves, w_bits)
     if min_weight_bits is not None and min_weight_bits > w_bits:
         raise ConfigError(f"the weight floor of {min_weight_bits} bits is above the average of {w_bits}")
-    # the candidates each weight curve may take (all, or those at the floor and above)
-    allowed = []
-    for c in wc:
-        idx = np.flatnonzero(np.asarray(c.bits) >= (min_weight_bits or 0))
-        if idx.size == 0:
-            raise ConfigError(f"{c.site.name}: no weight candidate at or above {min_weight_bits} bits "
-                              f"(candidates {list(c.bits)})")
-        allowed.append(idx)
+    # The candidates each weight curve may take: never empty, since weight_budget checked
+    # that every curve reaches w_bits, which is at or above the floor.
+    allowed = [np.flatnonzero(np.asarray(c.bits) >= (min_weight_bits or 0)) for c in wc]
     predicted = np.zeros(G)
     if per_group_weights:
         alloc = allocate([(np.asarray(c.sizes)[ix], dist[c.site.key][g][ix])
