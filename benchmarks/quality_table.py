@@ -23,6 +23,8 @@ Configurations are short names:
                             default; 0p5: 0.5). Without -rminR: no floor (--aq-min-code-bits 0)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
     rd-w6a6-g10-wmin5       ... no weight layer below 5 bits (--rd-min-w-bits 5)
+    rd-w4a4-g10-la2         ... distortion of x̂₀ two float DDIM steps after the perturbed one
+                            (--rd-lookahead 2; curves kept apart, in rd-curves-g10-la2)
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
 rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
@@ -52,7 +54,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-ftN][-cuN][-sens|-count][-rminR] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-ftN][-cuN][-sens|-count][-rminR] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -67,6 +69,8 @@ def parse_config(name: str) -> dict:
             cfg["min_code_bits"] = float(part[4:].replace("p", "."))
         elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
             cfg["min_weight_bits"] = int(part[4:])
+        elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
+            cfg["lookahead"] = int(part[2:])
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -83,7 +87,12 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             "--out", str(out)]
     if cfg["method"] == "rd":
         # curves depend on neither the budget nor the distortion kind: one set per group count
-        argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / f"rd-curves-g{cfg['groups']}")]
+        # (and lookahead, which changes what is measured)
+        la = cfg.get("lookahead")
+        curves = f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}")
+        argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
+        if la is not None:
+            argv += ["--rd-lookahead", str(la)]
         if cfg.get("min_weight_bits"):
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("finetune_steps"):

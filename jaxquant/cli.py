@@ -304,6 +304,9 @@ def _add_rd_args(p: argparse.ArgumentParser) -> None:
                    help="rd: output distortion, normalised MSE or MSE + (1 - SSIM) (seed 002)")
     p.add_argument("--rd-inputs", type=int, default=8, metavar="N",
                    help="rd: calibration inputs per timestep group the curves are measured on")
+    p.add_argument("--rd-lookahead", type=int, default=None, metavar="K",
+                   help="rd: measure the distortion on the clean sample predicted after K further float DDIM "
+                        "steps (0: at the perturbed step) instead of the network output (default: the seed's)")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -428,7 +431,8 @@ def _rd_configs(args: argparse.Namespace, a_bits):
     acfg = None if a_bits is None else ActQuantConfig(bits=min(max(int(round(a_bits)), 4), 8), method=args.act_method,
                                                       softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
-    return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed)
+    return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed,
+                                                  lookahead=args.rd_lookahead)
 
 
 def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
@@ -451,7 +455,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "method": "rd", "w_bits": args.w_bits, "a_bits": args.a_bits, "distortion": args.distortion,
         "timestep_groups": calib.config.groups, "symmetric": args.symmetric, "group_size": args.group_size,
         "act_method": args.act_method, "softmax_bits": args.softmax_bits, "rules": args.rules,
-        "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits, "curves": str(curves_dir),
+        "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits,
+        "rd_lookahead": args.rd_lookahead, "curves": str(curves_dir),
         "predicted_distortion": plan.predicted,
         "measured_distortion": result.measured,
         "additivity_r2": result.additivity.r2 if result.additivity is not None else None,

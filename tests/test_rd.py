@@ -457,7 +457,7 @@ def test_guided_models_are_measured_with_the_unconditional_label_too():
                                 labels=np.array([3, 1, 2]), config=SimpleNamespace(cfg_scale=cfg_scale))
         model = SimpleNamespace(is_class_conditional=True, network_config=SimpleNamespace(unconditional_label=10))
         return SimpleNamespace(calib=calib, groups=2, config=rd.CurveConfig(inputs_per_group=2), model=model,
-                               _forward_float=lambda x, t, y: x * 0)
+                               _forward_float=lambda inp: inp.x * 0)
 
     plain = rd.RDProblem._select_inputs(problem(1.0))
     assert len(plain.x) == 4 and set(plain.y) <= {1, 2, 3}
@@ -467,3 +467,112 @@ def test_guided_models_are_measured_with_the_unconditional_label_too():
     np.testing.assert_array_equal(guided.x[4:], plain.x)
     np.testing.assert_array_equal(guided.y[:4], plain.y)
     assert list(guided.y[4:]) == [10] * 4 and list(guided.group) == list(plain.group) * 2
+
+
+# --------------------------------------------------------------------------- lookahead
+
+
+@pytest.fixture(scope="module")
+def lookahead(setup):
+    """A problem whose distortion is measured on x̂₀ two float DDIM steps ahead, and the
+    curves of one weight and one activation site."""
+    import dataclasses
+
+    model, calib, *_ = setup
+    problem = rd.RDProblem(model, calib, WCFG, ACFG, RULES, dataclasses.replace(CCFG, lookahead=2))
+    keys = ["weight:mid_block.resnets.0.conv1", "act:mid_block.resnets.0.conv1"]
+    return problem, rd.compute_curves(problem, only=keys, progress=False)
+
+
+def test_lookahead_reference_is_x0_of_the_float_trajectory_k_steps_on(setup, lookahead):
+    """The float reference after ``k`` float DDIM steps from a calibration input is the
+    x̂₀ that the calibration's own (float) trajectory predicts ``k`` steps later, or at its
+    last step when fewer remain."""
+    from jaxquant.diffusion import predict_x0
+
+    model, calib, *_ = setup
+    problem, _ = lookahead
+    inp = problem.inputs
+    S = len(calib.timesteps)
+    ts = [int(t) for t in calib.timesteps]
+    ends = set()
+    for b in range(len(inp.t)):
+        si = ts.index(int(inp.t[b]))
+        n = int(np.argmin(np.abs(calib.inputs[si] - inp.x[b]).reshape(calib.inputs.shape[1], -1).max(axis=1)))
+        np.testing.assert_array_equal(calib.inputs[si, n], inp.x[b])
+        s2 = min(si + 2, S - 1)
+        ends.add(si + 2 > S - 1)
+        x2 = jnp.asarray(calib.inputs[s2, n][None])
+        t2 = jnp.full((1,), ts[s2], jnp.int32)
+        want = predict_x0(model.schedule, x2, model(x2, t2), t2)[0]
+        np.testing.assert_allclose(inp.ref[b], np.asarray(want), rtol=0, atol=2e-4)
+    assert ends == {True, False}  # both the full lookahead and the clamped one are covered
+    assert inp.chain[0].shape == (len(inp.t), 3) and inp.chain[2][:, 0].all()
+
+
+def test_lookahead_curve_point_is_the_perturbed_step_then_float_steps(setup, lookahead):
+    """A weight curve point with a lookahead equals: the quantized model at the input's
+    step, then float DDIM steps (written out here), then x̂₀ against the reference; the
+    ordinary quantized forward pass (``measure_distortion``) agrees too."""
+    from jaxquant.diffusion import ddim_step, predict_x0
+
+    model, calib, *_ = setup
+    problem, curves = lookahead
+    layer = "mid_block.resnets.0.conv1"
+    params = rd.quantize_rd(problem, rd.RDPlan("mse", {layer: 3}, {}, False, 0, 0, [], 0, []))
+    inp = problem.inputs
+    ts, prevs, on = inp.chain
+    err2 = np.zeros(problem.groups)
+    for b in range(len(inp.t)):
+        x = jnp.asarray(inp.x[b][None])
+        p = params
+        for j in range(3):
+            t = jnp.asarray(ts[b, j:j + 1])
+            eps = model.module.apply({"params": p}, x, t, None)
+            if on[b, j]:
+                x0 = predict_x0(model.schedule, x, eps, t)
+            if j < 2 and on[b, j + 1]:
+                x = ddim_step(model.schedule, x, eps, t, jnp.asarray(prevs[b, j:j + 1]))
+            p = model.params
+        err2[inp.group[b]] += float(np.sum(np.square(np.asarray(x0)[0] - inp.ref[b])))
+    c = curves.curves[f"weight:{layer}"]
+    np.testing.assert_allclose(c.err2[:, c.bits.index(3)], err2, rtol=2e-3)
+    np.testing.assert_allclose(rd.measure_distortion(problem, params)[:, 0], err2, rtol=2e-3)
+    # What is measured changed: the seed's curve of the same site is another quantity.
+    _, _, _, plain, plain_curves, _ = setup
+    assert not np.allclose(plain_curves.curves[f"weight:{layer}"].err2, c.err2, rtol=0.05)
+    a = curves.curves[f"act:{layer}"]
+    assert a.err2.shape == (2, 5) and np.all(a.err2[:, -1] < a.err2[:, 0])
+
+
+def test_lookahead_needs_a_deterministic_unguided_calibration(setup):
+    from types import SimpleNamespace
+
+    model, *_ = setup
+    with pytest.raises(ConfigError, match="lookahead"):
+        rd.CurveConfig(lookahead=-1)
+    for sampler, scale, cond, msg in (("ddpm", 1.0, False, "DDIM trajectory"),
+                                      ("ddim", 3.0, True, "classifier-free guidance")):
+        calib = SimpleNamespace(config=SimpleNamespace(groups=2, sampler=sampler, cfg_scale=scale))
+        fake = SimpleNamespace(is_class_conditional=cond, params=model.params)
+        with pytest.raises(ConfigError, match=msg):
+            rd.RDProblem(fake if cond else model, calib, WCFG, ACFG, RULES, rd.CurveConfig(lookahead=1))
+
+
+def test_lookahead_from_the_cli_and_the_quality_table_names():
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args
+
+    for cmd in ("rd-curves", "quantize"):
+        args = cli.build_parser().parse_args([cmd, "M", "--out", "D", "--rd-lookahead", "2"])
+        assert cli._rd_configs(args, None)[3].lookahead == 2
+    args = cli.build_parser().parse_args(["rd-curves", "M", "--out", "D"])
+    assert cli._rd_configs(args, None)[3].lookahead is None
+    cfg = parse_config("rd-w4a4-g10-la2")
+    assert cfg["lookahead"] == 2 and cfg["groups"] == 10
+    argv = quantize_args("m", cfg, Path("c"), Path("w/q"))
+    assert argv[argv.index("--rd-lookahead") + 1] == "2"
+    assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-la2"))  # kept apart from the seed's curves
+    plain = quantize_args("m", parse_config("rd-w4a4-g10"), Path("c"), Path("w/q"))
+    assert "--rd-lookahead" not in plain and plain[plain.index("--curves") + 1] == str(Path("w/rd-curves-g10"))

@@ -17,6 +17,7 @@ from jaxquant.diffusion import (
     ddpm_step,
     initial_noise,
     make_sampler,
+    predict_x0,
     previous_timesteps,
     sample,
     sampling_timesteps,
@@ -266,6 +267,26 @@ def test_steps_accept_per_sample_timesteps():
         for b in range(2):
             one = np.asarray(step(int(t[b]), int(tp[b])))[b]
             np.testing.assert_allclose(both[b], one, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_predict_x0_matches_diffusers_pred_original_sample(clip):
+    """``predict_x0`` is the ``pred_original_sample`` of diffusers' DDIM step (clipped alike),
+    per sample when ``t`` is ``[B]``."""
+    diffusers, torch = _diffusers()
+    cfg = ScheduleConfig(clip_sample=clip, clip_sample_range=1.5)
+    sched = diffusers.DDIMScheduler.from_config(cfg.to_dict())
+    sched.set_timesteps(10)
+    rng = np.random.default_rng(3)
+    x = (2 * rng.standard_normal(SHAPE)).astype(np.float32)
+    eps = rng.standard_normal(SHAPE).astype(np.float32)
+    t = np.array([901, 1], np.int32)
+    got = np.asarray(predict_x0(cfg, x, eps, t))
+    for b in range(2):
+        want = sched.step(torch.from_numpy(_nchw(eps[b:b + 1])), int(t[b]), torch.from_numpy(_nchw(x[b:b + 1])),
+                          eta=0.0).pred_original_sample
+        np.testing.assert_allclose(got[b:b + 1], _nhwc(want.numpy()), rtol=1e-5, atol=1e-5)
+    assert (np.abs(got).max() <= 1.5) == clip
 
 
 # --- the scanned sampler ------------------------------------------------------------------

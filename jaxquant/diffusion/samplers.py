@@ -44,6 +44,7 @@ __all__ = [
     "SAMPLERS",
     "ddim_step",
     "ddpm_step",
+    "predict_x0",
     "previous_timesteps",
     "initial_noise",
     "step_noise",
@@ -97,6 +98,24 @@ def _predict_x0(cfg: ScheduleConfig, x: jax.Array, eps: jax.Array, a_t: jax.Arra
         r = jnp.float32(cfg.clip_sample_range)
         x0 = jnp.clip(x0, -r, r)
     return x0
+
+
+def predict_x0(cfg: ScheduleConfig, x: ArrayLike, eps: ArrayLike, t: ArrayLike) -> jax.Array:
+    """The clean sample ``x̂₀ = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t`` that a DDIM/DDPM step predicts.
+
+    Clipped to ``±clip_sample_range`` when ``cfg.clip_sample``, exactly as inside
+    :func:`ddim_step` and :func:`ddpm_step`.
+
+    Args:
+      cfg: the schedule.
+      x: noisy sample ``x_t``, float32 ``[B, ...]``.
+      eps: the model's epsilon prediction, same shape.
+      t: timestep, an int scalar or ``[B]``.
+    """
+    cfg = _check_cfg(cfg)
+    x = jnp.asarray(x, jnp.float32)
+    a_t = jnp.asarray(alphas_cumprod(cfg))[_per_sample(jnp.asarray(t, jnp.int32), x.ndim)]
+    return _predict_x0(cfg, x, jnp.asarray(eps, jnp.float32), a_t, 1.0 - a_t)
 
 
 def ddim_step(

@@ -23,6 +23,18 @@ Sizes, and the budgets of ``allocate_plan``:
   width; a target of ``a_bits`` is ``a_bits`` times the values of all sites. Weight and
   activation budgets are met separately (the CLI asks for both averages).
 
+What is compared (``CurveConfig.lookahead``): by default, as the seed, the network's
+output (the predicted noise) at the step whose inputs carry the perturbation. With a
+lookahead of ``k`` steps, the perturbed step is followed by ``k`` deterministic DDIM
+steps of the *float* network along the calibration's own sampling schedule, and the
+distortion compares the clean sample ``x̂₀`` predicted at the last of them with the float
+trajectory's (``k = 0``: ``x̂₀`` of the perturbed step itself; near the end of the
+trajectory the lookahead stops at its last step). This measures what an error made at
+one step does to the sample after the following steps have acted on it: an error the
+denoiser removes (high-frequency, noise-like) counts less than one it carries forward
+(a change of content). Each single-site curve still perturbs only the steps of its own
+timestep group, so the sum over groups keeps the additive reading across timesteps.
+
 Timestep groups: every curve has one row per group (the calibration's groups).
 Activation bits are chosen per group (their own budget each, stored as per-group bit
 widths in :class:`~jaxquant.quant.activation.ActQuant`); weights are shared by all
@@ -117,6 +129,9 @@ class CurveConfig:
       batch_size: samples per call (times the candidates of a site: the memory bound).
       seed: which calibration inputs are drawn.
       ssim: SSIM settings of the ``"mse+ssim"`` distortion.
+      lookahead: ``None`` (the seed): compare the network output of the perturbed step;
+        ``k ≥ 0``: compare the ``x̂₀`` predicted after ``k`` further float DDIM steps
+        (module docstring). Needs a DDIM calibration without classifier-free guidance.
     """
 
     weight_bits: tuple[int, ...] = WEIGHT_BITS
@@ -125,6 +140,7 @@ class CurveConfig:
     batch_size: int = 16
     seed: int = 0
     ssim: SSIMConfig = SSIMConfig()
+    lookahead: int | None = None
 
     def __post_init__(self):
         if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
@@ -133,6 +149,9 @@ class CurveConfig:
             raise ConfigError(f"activation candidate bits must be in 4..8, got {self.act_bits}")
         if self.inputs_per_group < 1 or self.batch_size < 1:
             raise ConfigError("inputs_per_group and batch_size must be positive")
+        if self.lookahead is not None and (isinstance(self.lookahead, bool) or int(self.lookahead) != self.lookahead
+                                           or self.lookahead < 0):
+            raise ConfigError(f"lookahead must be None or a whole number of steps ≥ 0, got {self.lookahead!r}")
         object.__setattr__(self, "weight_bits", tuple(sorted(set(self.weight_bits))))
         object.__setattr__(self, "act_bits", tuple(sorted(set(self.act_bits))))
 
@@ -145,7 +164,10 @@ class RDInputs:
     t: np.ndarray            # [B] int32
     y: np.ndarray | None     # [B] labels (class-conditional models)
     group: np.ndarray        # [B] timestep group
-    ref: np.ndarray          # [B, H, W, C] float network output
+    ref: np.ndarray          # [B, H, W, C] float output compared (network output, or x̂₀ with a lookahead)
+    chain: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """With a lookahead ``k``: ``(t, t_prev, on)``, each ``[B, k + 1]``, the timesteps of the
+    perturbed step and the ``k`` float steps after it; ``on`` is False past the trajectory's end."""
 
 
 class RDProblem:
@@ -172,6 +194,13 @@ class RDProblem:
         self.rules = list(rules) if rules is not None else default_rules(self.weights)
         self.config = config
         self.groups = int(calib.config.groups)
+        if config.lookahead is not None:
+            if calib.config.sampler != "ddim":
+                raise ConfigError(f"a lookahead follows the calibration's DDIM trajectory; this calibration "
+                                  f"used the {calib.config.sampler!r} sampler (calibrate with --sampler ddim)")
+            if model.is_class_conditional and calib.config.cfg_scale != 1.0:
+                raise ConfigError("a lookahead with classifier-free guidance is not supported yet "
+                                  "(calibrate without guidance, or leave the lookahead off)")
         self._kernels = layer_kernels(model.params)
         self.layer_configs = {n: c for n, c in resolve(self._kernels, self.rules).items() if c is not None}
         if not self.layer_configs:
@@ -256,20 +285,57 @@ class RDProblem:
         t = np.asarray(c.timesteps)[pairs[:, 0]].astype(np.int32)
         y = np.asarray(c.labels)[pairs[:, 1]].astype(np.int32) if self.model.is_class_conditional else None
         group = np.asarray(c.step_groups)[pairs[:, 0]].astype(np.int32)
+        chain = None
+        if self.config.lookahead is not None:
+            from jaxquant.diffusion.samplers import previous_timesteps
+
+            steps = pairs[:, :1] + np.arange(self.config.lookahead + 1)[None]      # [B, k + 1]
+            last = len(c.timesteps) - 1
+            prevs = previous_timesteps(self.model.schedule, len(c.timesteps), "ddim")
+            at = np.minimum(steps, last)
+            chain = (np.asarray(c.timesteps)[at].astype(np.int32), np.asarray(prevs)[at].astype(np.int32),
+                     steps <= last)
         null = getattr(self.model.network_config, "unconditional_label", None)
         if y is not None and c.config.cfg_scale != 1.0 and null is not None:
             # Guided sampling also runs the model on the unconditional label: measure both.
             x, t, group = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([group, group])
             y = np.concatenate([y, np.full_like(y, null)])
-        ref = self._forward_float(x, t, y)
-        return RDInputs(x, t, y, group, ref)
+        inputs = RDInputs(x, t, y, group, np.zeros_like(x), chain)
+        inputs.ref = self._forward_float(inputs)
+        return inputs
 
-    def _forward_float(self, x, t, y) -> np.ndarray:
-        fwd = xla.jit(lambda p, x, t, y: self.model.module.apply({"params": p}, x, t, y))
+    def _forward_float(self, inp: RDInputs) -> np.ndarray:
+        module = self.model.module
+        fwd = xla.jit(lambda p, x, t, y, chain: self.output(
+            lambda q, x, t, y: module.apply({"params": q}, x, t, y), p, p, x, t, y, chain))
         bs = self.config.batch_size
-        out = [np.asarray(fwd(self.model.params, x[i:i + bs], t[i:i + bs], None if y is None else y[i:i + bs]))
-               for i in range(0, len(x), bs)]
+        out = []
+        for i in range(0, len(inp.x), bs):
+            sl = slice(i, i + bs)
+            out.append(np.asarray(fwd(self.model.params, inp.x[sl], inp.t[sl], None if inp.y is None else inp.y[sl],
+                                      None if inp.chain is None else tuple(a[sl] for a in inp.chain))))
         return np.concatenate(out).astype(np.float32)
+
+    def output(self, apply: Callable, params: Any, float_params: Any, x: jax.Array, t: jax.Array,
+               y: jax.Array | None, chain: tuple[jax.Array, jax.Array, jax.Array] | None) -> jax.Array:
+        """What the distortion compares, traceable: ``apply(params, x, t, y)`` (the network
+        output) without a lookahead; with one, ``x̂₀`` after the perturbed step and the
+        ``k`` DDIM steps of ``apply(float_params, …)`` given by ``chain`` (:class:`RDInputs`)."""
+        if chain is None:
+            return apply(params, x, t, y)
+        from jaxquant.diffusion.samplers import ddim_step, predict_x0
+
+        sched = self.model.schedule
+        ts, prevs, on = chain
+        mask = lambda j: on[:, j].reshape(-1, *([1] * (x.ndim - 1)))  # noqa: E731
+        x0 = None
+        for j in range(ts.shape[1]):
+            eps = apply(params if j == 0 else float_params, x, ts[:, j], y)
+            x0_j = predict_x0(sched, x, eps, ts[:, j])
+            x0 = x0_j if j == 0 else jnp.where(mask(j), x0_j, x0)
+            if j + 1 < ts.shape[1]:
+                x = jnp.where(mask(j + 1), ddim_step(sched, x, eps, ts[:, j], prevs[:, j]), x)
+        return x0
 
     # -- quantizers
 
@@ -514,22 +580,25 @@ class _Evaluator:
         def apply(params, x, t, y):
             return module.apply({"params": params}, x, t, y)
 
-        def weight_fn(params, idx, rows, x, t, y, ref):
+        def stats(p, params, x, t, y, chain, ref):
+            return output_stats(problem.output(apply, p, params, x, t, y, chain), ref, ssim_cfg)
+
+        def weight_fn(params, idx, rows, x, t, y, chain, ref):
             def one(row):
                 p = _with_probes(params, self.wsites, lambda i, s, k: _KernelProbe(k, row, idx == i))
-                return output_stats(apply(p, x, t, y), ref, ssim_cfg)
+                return stats(p, params, x, t, y, chain, ref)
             return jax.vmap(one)(rows)
 
-        def act_fn(params, idx, scale, zero, qmax, x, t, y, ref):
+        def act_fn(params, idx, scale, zero, qmax, x, t, y, chain, ref):
             def one(scale, zero, qmax):
                 p = _with_probes(params, self.asites, lambda i, s, _: _ActProbe(scale, zero, qmax, idx == i, s.split))
-                return output_stats(apply(p, x, t, y), ref, ssim_cfg)
+                return stats(p, params, x, t, y, chain, ref)
             return jax.vmap(one)(scale, zero, qmax)
 
-        def joint_fn(params, kernels, scale, zero, qmax, on, x, t, y, ref):
+        def joint_fn(params, kernels, scale, zero, qmax, on, x, t, y, chain, ref):
             p = _with_probes(params, self.wsites, lambda i, s, _: kernels[i])
             p = _with_probes(p, self.asites, lambda i, s, _: _ActProbe(scale[i], zero[i], qmax[i], on[i], s.split))
-            return output_stats(apply(p, x, t, y), ref, ssim_cfg)
+            return stats(p, params, x, t, y, chain, ref)
 
         self.weight_fn = xla.jit(weight_fn)
         self.act_fn = xla.jit(act_fn)
@@ -545,8 +614,8 @@ class _Evaluator:
 
     def _batch(self, idx):
         inp = self.p.inputs
-        return (jnp.asarray(inp.x[idx]), jnp.asarray(inp.t[idx]),
-                None if inp.y is None else jnp.asarray(inp.y[idx]), jnp.asarray(inp.ref[idx]))
+        return (jnp.asarray(inp.x[idx]), jnp.asarray(inp.t[idx]), None if inp.y is None else jnp.asarray(inp.y[idx]),
+                None if inp.chain is None else tuple(jnp.asarray(a[idx]) for a in inp.chain), jnp.asarray(inp.ref[idx]))
 
     def _put_candidates(self, *arrays):
         """Pad the leading (candidate) axis to a multiple of the devices and shard it."""
@@ -576,8 +645,8 @@ class _Evaluator:
         (rows_d,) = self._put_candidates(rows)
         acc = np.zeros((self.p.groups, v, 2))
         for idx, valid in self._chunks():
-            x, t, y, ref = self._batch(idx)
-            st = np.asarray(self.weight_fn(self.p.model.params, jnp.int32(i), rows_d, x, t, y, ref))[:v]
+            x, t, y, chain, ref = self._batch(idx)
+            st = np.asarray(self.weight_fn(self.p.model.params, jnp.int32(i), rows_d, x, t, y, chain, ref))[:v]
             self._group_sums(st, idx, valid, acc)
         return acc
 
@@ -592,8 +661,8 @@ class _Evaluator:
             zero = np.transpose(tables[1][g], (1, 0, 2))
             qmax = np.repeat((2.0 ** np.asarray(bits, np.float32) - 1)[:, None], len(idx), axis=1)
             scale, zero, qmax = self._put_candidates(scale, zero, qmax.astype(np.float32))
-            x, t, y, ref = self._batch(idx)
-            st = np.asarray(self.act_fn(self.p.model.params, jnp.int32(i), scale, zero, qmax, x, t, y, ref))[:v]
+            x, t, y, chain, ref = self._batch(idx)
+            st = np.asarray(self.act_fn(self.p.model.params, jnp.int32(i), scale, zero, qmax, x, t, y, chain, ref))[:v]
             self._group_sums(st, idx, valid, acc)
         return acc
 
@@ -630,9 +699,9 @@ class _Evaluator:
         acc = np.zeros((p.groups, 1, 2))
         for idx, valid in self._chunks():
             g = p.inputs.group[idx]
-            x, t, y, ref = self._batch(idx)
+            x, t, y, chain, ref = self._batch(idx)
             st = self.joint_fn(p.model.params, kernels, jnp.asarray(tabs[0][:, g]), jnp.asarray(tabs[1][:, g]),
-                               jnp.asarray(qm[:, g]), jnp.asarray(on), x, t, y, ref)
+                               jnp.asarray(qm[:, g]), jnp.asarray(on), x, t, y, chain, ref)
             self._group_sums(np.asarray(st)[None], idx, valid, acc)
         return acc[:, 0]
 
@@ -1043,9 +1112,13 @@ def measure_distortion(problem: RDProblem, params: dict) -> np.ndarray:
     """
     module, ssim_cfg = problem.model.module, problem.config.ssim
 
+    def apply(p, x, t, y):
+        return module.apply({"params": p}, x, t, y)
+
     @xla.jit
-    def stats(p, g, x, t, y, ref):
-        return output_stats(module.apply({"params": at_timestep_group(p, g)}, x, t, y), ref, ssim_cfg)
+    def stats(p, float_params, g, x, t, y, chain, ref):
+        out = problem.output(apply, at_timestep_group(p, g), float_params, x, t, y, chain)
+        return output_stats(out, ref, ssim_cfg)
 
     inp = problem.inputs
     acc = np.zeros((problem.groups, 2))
@@ -1054,8 +1127,10 @@ def measure_distortion(problem: RDProblem, params: dict) -> np.ndarray:
         idx = np.flatnonzero(inp.group == g)
         for i in range(0, len(idx), bs):
             j = idx[i:i + bs]
-            st = stats(params, jnp.int32(g), jnp.asarray(inp.x[j]), jnp.asarray(inp.t[j]),
-                       None if inp.y is None else jnp.asarray(inp.y[j]), jnp.asarray(inp.ref[j]))
+            st = stats(params, problem.model.params, jnp.int32(g), jnp.asarray(inp.x[j]), jnp.asarray(inp.t[j]),
+                       None if inp.y is None else jnp.asarray(inp.y[j]),
+                       None if inp.chain is None else tuple(jnp.asarray(a[j]) for a in inp.chain),
+                       jnp.asarray(inp.ref[j]))
             acc[g] += np.asarray(st).sum(axis=0)
     return acc
 
