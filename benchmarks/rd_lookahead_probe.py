@@ -1,0 +1,147 @@
+"""Which layers does an RD distortion call cheap, and does a lookahead change that?
+
+RD W4A4 on ddpm-fmnist puts the low-resolution path (``down_blocks.3``, the mid block,
+``up_blocks.0``) at 3-bit weights and loses to uniform W4A4 by FID. This probe measures,
+for a few low-resolution and a few full-resolution layers, the whole-model distortion
+(normalised MSE, summed over timestep groups) with only that layer's weights at a low
+width, under each measure:
+
+* ``none``: the seed's, the network output of the perturbed step;
+* ``K`` (0, 2, 5, ...): x̂₀ after ``K`` float DDIM steps (``CurveConfig.lookahead``;
+  ``K`` ≥ the steps left runs to the end of the trajectory).
+
+If a measure that follows the error to (or towards) the sample rated the low-resolution
+layers as costly, it would be the proxy to allocate with. A second part quantizes the
+whole low-resolution set together at the low width and compares the measured joint
+distortion with the sum of the single-layer points (additivity within that set). A third
+part (``--models``) measures whole quantized models (any method, any number of activation
+groups, run as sampling runs them) on the same inputs, so that models whose FIDs are known
+can be ranked by each measure.
+
+    python -m benchmarks.rd_lookahead_probe --calib runs/quality/ddpm-fmnist/calib-g10
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import numpy as np
+
+from benchmarks.common import write_result
+
+LOW = ["down_blocks.3.resnets.0.conv1", "mid_block.resnets.0.conv1", "up_blocks.0.resnets.0.conv1"]
+HIGH = ["down_blocks.0.resnets.0.conv1", "up_blocks.3.resnets.0.conv1", "time_embedding.linear_1"]
+#: The layers RD W4A4 (10 groups, MSE) put at 3 bits.
+LOW_SET = r"down_blocks\.3\..*|mid_block\.resnets\..*|mid_block\.attentions\.0\.to_[qk]|up_blocks\.0\.resnets\..*"
+
+
+def _lookahead(v: str) -> int | None:
+    return None if v == "none" else int(v)
+
+
+def _model_distortion(model, problem, params) -> np.ndarray:
+    """``[G]`` normalised MSE of a quantized parameter tree on ``problem``'s inputs, with
+    each activation quantizer narrowed to the input's timestep as sampling does."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxquant.quant.activation import at_timesteps
+    from jaxquant.search.distortion import output_stats
+
+    module, T = model.module, model.schedule.num_train_timesteps
+
+    def apply(p, x, t, y):
+        return module.apply({"params": at_timesteps(p, t, T)}, x, t, y)
+
+    @jax.jit
+    def stats(q, fp, x, t, chain, ref):
+        return output_stats(problem.output(apply, q, fp, x, t, None, chain), ref)
+
+    inp = problem.inputs
+    err2 = np.zeros(problem.groups)
+    for t in np.unique(inp.t):  # one timestep per call, as at_timesteps assumes
+        j = np.flatnonzero(inp.t == t)
+        chain = None if inp.chain is None else tuple(jnp.asarray(a[j]) for a in inp.chain)
+        st = np.asarray(stats(params, model.params, jnp.asarray(inp.x[j]), jnp.asarray(inp.t[j]), chain,
+                              jnp.asarray(inp.ref[j])))
+        np.add.at(err2, inp.group[j], st[:, 0])
+    ref2 = np.asarray([np.sum(np.square(inp.ref[inp.group == g], dtype=np.float64)) for g in range(problem.groups)])
+    return err2 / ref2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="ddpm-fmnist")
+    ap.add_argument("--calib", required=True, help="a calibration of the model (its groups are the curves')")
+    ap.add_argument("--low", nargs="+", default=LOW)
+    ap.add_argument("--high", nargs="+", default=HIGH)
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 8])
+    ap.add_argument("--lookaheads", nargs="*", default=["none", "0", "2", "5", "19"])
+    ap.add_argument("--joint-set", default=LOW_SET, help="regex of the layers quantized together in part 2")
+    ap.add_argument("--joint-lookaheads", nargs="*", default=["none"])
+    ap.add_argument("--models", nargs="*", default=[], help="quantized model directories (part 3)")
+    ap.add_argument("--model-lookaheads", nargs="*", default=["none"])
+    ap.add_argument("--inputs-per-group", type=int, default=8)
+    ap.add_argument("--json", action="store_true", help="write benchmarks/results/rd_lookahead_probe.json")
+    args = ap.parse_args()
+
+    import jaxquant
+    from jaxquant.calib import load_calibration
+    from jaxquant.quant.rules import Rule, layer_kernels
+    from jaxquant.quant.uniform import WeightQuantConfig
+    from jaxquant.search import rd
+
+    model = jaxquant.load(args.model)
+    calib = load_calibration(args.calib)
+    low_bits = min(args.bits)
+
+    def problem(layers, bits, la):
+        rules = [Rule(re.escape(n), WeightQuantConfig()) for n in layers]
+        cfg = rd.CurveConfig(weight_bits=tuple(bits), inputs_per_group=args.inputs_per_group, lookahead=la)
+        return rd.RDProblem(model, calib, None, None, rules, cfg)
+
+    result = {"model": args.model, "calib": args.calib, "groups": int(calib.config.groups), "bits": args.bits,
+              "inputs_per_group": args.inputs_per_group, "single": {}, "joint": {}, "models": {}}
+    layers = args.low + args.high
+    print(f"whole-model distortion (normalised MSE summed over {calib.config.groups} groups) with one layer's "
+          f"weights at {low_bits} bits; ratio to the mean of the full-resolution layers")
+    for name in args.lookaheads:
+        la = _lookahead(name)
+        t0 = time.perf_counter()
+        curves = rd.compute_curves(problem(layers, args.bits, la), progress=False)
+        d = {n: curves.distortion(f"weight:{n}", "mse") for n in layers}  # [G, M]
+        col = curves.curves[f"weight:{layers[0]}"].bits.index(low_bits)
+        tot = {n: float(v[:, col].sum()) for n, v in d.items()}
+        ref = float(np.mean([tot[n] for n in args.high]))
+        result["single"][name] = {"seconds": time.perf_counter() - t0,
+                                  "layers": {n: {"total": tot[n], "ratio": tot[n] / ref, "per_group": d[n][:, col].tolist()}
+                                             for n in layers}}
+        print(f"lookahead {name} ({time.perf_counter() - t0:.0f} s)")
+        for n in layers:
+            print(f"  {'low ' if n in args.low else 'high'} {n:34s} {tot[n]:10.3e}  ratio {tot[n] / ref:8.4f}")
+
+    joint = [n for n in layer_kernels(model.params) if re.fullmatch(args.joint_set, n)]
+    for name in args.joint_lookaheads:
+        la = _lookahead(name)
+        p = problem(joint, (low_bits,), la)
+        curves = rd.compute_curves(p, progress=False)
+        bits = {n: low_bits for n in joint}
+        meas = rd.joint_distortion(p, curves, bits, {})
+        pred = rd.predicted_distortion(curves, bits, {})
+        result["joint"][name] = {"layers": joint, "measured": meas.tolist(), "predicted": pred.tolist()}
+        print(f"joint, lookahead {name}: {len(joint)} layers at {low_bits} bits: measured {meas.sum():.3e}, "
+              f"sum of single layers {pred.sum():.3e} (per group: measured {np.array2string(meas, precision=2)})")
+    for name in args.model_lookaheads:
+        p = problem(joint, (low_bits,), _lookahead(name))
+        for d in args.models:
+            meas = _model_distortion(model, p, jaxquant.load(d).params)
+            result["models"].setdefault(name, {})[d] = meas.tolist()
+            print(f"model {d}, lookahead {name}: {meas.sum():.4e} (per group {np.array2string(meas, precision=3)})")
+    if args.json:
+        print(f"wrote {write_result('rd_lookahead_probe', result)}")
+
+
+if __name__ == "__main__":
+    main()
