@@ -57,7 +57,7 @@ def _model_distortion(model, problem, params) -> np.ndarray:
 
     @jax.jit
     def stats(q, fp, x, t, chain, ref):
-        return output_stats(problem.output(apply, q, fp, x, t, None, chain), ref)
+        return output_stats(problem.output(q, fp, x, t, None, chain, apply), ref)
 
     inp = problem.inputs
     err2 = np.zeros(problem.groups)
@@ -67,8 +67,7 @@ def _model_distortion(model, problem, params) -> np.ndarray:
         st = np.asarray(stats(params, model.params, jnp.asarray(inp.x[j]), jnp.asarray(inp.t[j]), chain,
                               jnp.asarray(inp.ref[j])))
         np.add.at(err2, inp.group[j], st[:, 0])
-    ref2 = np.asarray([np.sum(np.square(inp.ref[inp.group == g], dtype=np.float64)) for g in range(problem.groups)])
-    return err2 / ref2
+    return err2 / inp.ref_energy(problem.groups)
 
 
 def main() -> None:

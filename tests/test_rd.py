@@ -457,7 +457,7 @@ def test_guided_models_are_measured_with_the_unconditional_label_too():
                                 labels=np.array([3, 1, 2]), config=SimpleNamespace(cfg_scale=cfg_scale))
         model = SimpleNamespace(is_class_conditional=True, network_config=SimpleNamespace(unconditional_label=10))
         return SimpleNamespace(calib=calib, groups=2, config=rd.CurveConfig(inputs_per_group=2), model=model,
-                               _forward_float=lambda inp: inp.x * 0)
+                               _forward_float=lambda x, t, y, chain: x * 0)
 
     plain = rd.RDProblem._select_inputs(problem(1.0))
     assert len(plain.x) == 4 and set(plain.y) <= {1, 2, 3}

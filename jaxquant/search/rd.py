@@ -169,6 +169,11 @@ class RDInputs:
     """With a lookahead ``k``: ``(t, t_prev, on)``, each ``[B, k + 1]``, the timesteps of the
     perturbed step and the ``k`` float steps after it; ``on`` is False past the trajectory's end."""
 
+    def ref_energy(self, groups: int) -> np.ndarray:
+        """``[G]`` summed ``‖O‖²`` of the reference outputs of each timestep group."""
+        return np.asarray([float(np.sum(np.square(self.ref[self.group == g], dtype=np.float64)))
+                           for g in range(groups)])
+
 
 class RDProblem:
     """A model, its calibration, the sites and their quantizers (cached).
@@ -300,27 +305,25 @@ class RDProblem:
             # Guided sampling also runs the model on the unconditional label: measure both.
             x, t, group = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([group, group])
             y = np.concatenate([y, np.full_like(y, null)])
-        inputs = RDInputs(x, t, y, group, np.zeros_like(x), chain)
-        inputs.ref = self._forward_float(inputs)
-        return inputs
+        return RDInputs(x, t, y, group, self._forward_float(x, t, y, chain), chain)
 
-    def _forward_float(self, inp: RDInputs) -> np.ndarray:
-        module = self.model.module
-        fwd = xla.jit(lambda p, x, t, y, chain: self.output(
-            lambda q, x, t, y: module.apply({"params": q}, x, t, y), p, p, x, t, y, chain))
+    def _forward_float(self, x, t, y, chain) -> np.ndarray:
+        fwd = xla.jit(lambda p, x, t, y, chain: self.output(p, p, x, t, y, chain))
         bs = self.config.batch_size
-        out = []
-        for i in range(0, len(inp.x), bs):
-            sl = slice(i, i + bs)
-            out.append(np.asarray(fwd(self.model.params, inp.x[sl], inp.t[sl], None if inp.y is None else inp.y[sl],
-                                      None if inp.chain is None else tuple(a[sl] for a in inp.chain))))
+        out = [np.asarray(fwd(self.model.params, x[i:i + bs], t[i:i + bs], None if y is None else y[i:i + bs],
+                              None if chain is None else tuple(a[i:i + bs] for a in chain)))
+               for i in range(0, len(x), bs)]
         return np.concatenate(out).astype(np.float32)
 
-    def output(self, apply: Callable, params: Any, float_params: Any, x: jax.Array, t: jax.Array,
-               y: jax.Array | None, chain: tuple[jax.Array, jax.Array, jax.Array] | None) -> jax.Array:
+    def output(self, params: Any, float_params: Any, x: jax.Array, t: jax.Array, y: jax.Array | None,
+               chain: tuple[jax.Array, jax.Array, jax.Array] | None, apply: Callable | None = None) -> jax.Array:
         """What the distortion compares, traceable: ``apply(params, x, t, y)`` (the network
         output) without a lookahead; with one, ``x̂₀`` after the perturbed step and the
-        ``k`` DDIM steps of ``apply(float_params, …)`` given by ``chain`` (:class:`RDInputs`)."""
+        ``k`` DDIM steps of ``apply(float_params, …)`` given by ``chain`` (:class:`RDInputs`).
+        ``apply`` defaults to the model's plain forward pass."""
+        if apply is None:
+            module = self.model.module
+            apply = lambda p, x, t, y: module.apply({"params": p}, x, t, y)  # noqa: E731
         if chain is None:
             return apply(params, x, t, y)
         from jaxquant.diffusion.samplers import ddim_step, predict_x0
@@ -569,7 +572,6 @@ class _Evaluator:
 
     def __init__(self, problem: RDProblem):
         self.p = problem
-        module = problem.model.module
         ssim_cfg = problem.config.ssim
         self.wsites = problem.weight_sites
         self.asites = problem.act_sites
@@ -577,11 +579,8 @@ class _Evaluator:
         self.devices = jax.devices()
         self.mesh = jax.sharding.Mesh(np.asarray(self.devices), ("cand",)) if len(self.devices) > 1 else None
 
-        def apply(params, x, t, y):
-            return module.apply({"params": params}, x, t, y)
-
         def stats(p, params, x, t, y, chain, ref):
-            return output_stats(problem.output(apply, p, params, x, t, y, chain), ref, ssim_cfg)
+            return output_stats(problem.output(p, params, x, t, y, chain), ref, ssim_cfg)
 
         def weight_fn(params, idx, rows, x, t, y, chain, ref):
             def one(row):
@@ -762,8 +761,7 @@ def compute_curves(problem: RDProblem, out_dir: str | os.PathLike | None = None,
       CheckpointError: ``out_dir`` holds curves made with other settings.
     """
     inp = problem.inputs
-    ref2 = np.asarray([float(np.sum(np.square(inp.ref[inp.group == g], dtype=np.float64)))
-                       for g in range(problem.groups)])
+    ref2 = inp.ref_energy(problem.groups)
     count = np.bincount(inp.group, minlength=problem.groups).astype(np.float64)
     settings = problem.fingerprint()
     curves = RDCurves({}, ref2, count, settings)
@@ -1110,14 +1108,11 @@ def measure_distortion(problem: RDProblem, params: dict) -> np.ndarray:
     activation quantizers selected by :func:`at_timestep_group`); compiles for the
     tree's structure. Turn the sums into distortions with :func:`group_distortion`.
     """
-    module, ssim_cfg = problem.model.module, problem.config.ssim
-
-    def apply(p, x, t, y):
-        return module.apply({"params": p}, x, t, y)
+    ssim_cfg = problem.config.ssim
 
     @xla.jit
     def stats(p, float_params, g, x, t, y, chain, ref):
-        out = problem.output(apply, at_timestep_group(p, g), float_params, x, t, y, chain)
+        out = problem.output(at_timestep_group(p, g), float_params, x, t, y, chain)
         return output_stats(out, ref, ssim_cfg)
 
     inp = problem.inputs
