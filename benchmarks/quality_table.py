@@ -25,6 +25,8 @@ Configurations are short names:
     rd-w6a6-g10-wmin5       ... no weight layer below 5 bits (--rd-min-w-bits 5)
     rd-w4a4-g10-la2         ... distortion of x̂₀ two float DDIM steps after the perturbed one
                             (--rd-lookahead 2; curves kept apart, in rd-curves-g10-la2)
+    rd-w4a4-g10-feat        ... distortion of the fmnist features of x̂₀ (--rd-features fmnist,
+                            lookahead 0 unless -laK; curves in rd-curves-g10-feat)
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
 rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
@@ -71,6 +73,8 @@ def parse_config(name: str) -> dict:
             cfg["min_weight_bits"] = int(part[4:])
         elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
             cfg["lookahead"] = int(part[2:])
+        elif part == "feat" and m["method"] == "rd":
+            cfg["features"] = "fmnist"
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -88,11 +92,13 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     if cfg["method"] == "rd":
         # curves depend on neither the budget nor the distortion kind: one set per group count
         # (and lookahead, which changes what is measured)
-        la = cfg.get("lookahead")
-        curves = f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}")
+        la, feat = cfg.get("lookahead"), cfg.get("features")
+        curves = f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-feat" if feat else "")
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
         if la is not None:
             argv += ["--rd-lookahead", str(la)]
+        if feat:
+            argv += ["--rd-features", feat]
         if cfg.get("min_weight_bits"):
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("finetune_steps"):

@@ -10,6 +10,9 @@ width, under each measure:
 * ``K`` (0, 2, 5, ...): x̂₀ after ``K`` float DDIM steps (``CurveConfig.lookahead``;
   ``K`` ≥ the steps left runs to the end of the trajectory).
 
+With ``--features NET`` (e.g. ``fmnist``) every measure compares that network's pool
+features of x̂₀ instead of pixels (``CurveConfig.features``; ``none`` becomes ``K = 0``).
+
 If a measure that follows the error to (or towards) the sample rated the low-resolution
 layers as costly, it would be the proxy to allocate with. A second part quantizes the
 whole low-resolution set together at the low width and compares the measured joint
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=[], help="quantized model directories (part 3)")
     ap.add_argument("--model-lookaheads", nargs="*", default=["none"])
     ap.add_argument("--inputs-per-group", type=int, default=8)
+    ap.add_argument("--features", default=None, help="compare this feature network's features of x̂₀ (e.g. fmnist)")
     ap.add_argument("--json", action="store_true", help="write benchmarks/results/rd_lookahead_probe.json")
     args = ap.parse_args()
 
@@ -98,11 +102,13 @@ def main() -> None:
 
     def problem(layers, bits, la):
         rules = [Rule(re.escape(n), WeightQuantConfig()) for n in layers]
-        cfg = rd.CurveConfig(weight_bits=tuple(bits), inputs_per_group=args.inputs_per_group, lookahead=la)
+        cfg = rd.CurveConfig(weight_bits=tuple(bits), inputs_per_group=args.inputs_per_group, lookahead=la,
+                             features=args.features)
         return rd.RDProblem(model, calib, None, None, rules, cfg)
 
     result = {"model": args.model, "calib": args.calib, "groups": int(calib.config.groups), "bits": args.bits,
-              "inputs_per_group": args.inputs_per_group, "single": {}, "joint": {}, "models": {}}
+              "inputs_per_group": args.inputs_per_group, "features": args.features, "single": {}, "joint": {},
+              "models": {}}
     layers = args.low + args.high
     print(f"whole-model distortion (normalised MSE summed over {calib.config.groups} groups) with one layer's "
           f"weights at {low_bits} bits; ratio to the mean of the full-resolution layers")
@@ -139,7 +145,8 @@ def main() -> None:
             result["models"].setdefault(name, {})[d] = meas.tolist()
             print(f"model {d}, lookahead {name}: {meas.sum():.4e} (per group {np.array2string(meas, precision=3)})")
     if args.json:
-        print(f"wrote {write_result('rd_lookahead_probe', result)}")
+        name = "rd_lookahead_probe" + (f"_{args.features}" if args.features else "")
+        print(f"wrote {write_result(name, result)}")
 
 
 if __name__ == "__main__":

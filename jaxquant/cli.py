@@ -307,6 +307,11 @@ def _add_rd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rd-lookahead", type=int, default=None, metavar="K",
                    help="rd: measure the distortion on the clean sample predicted after K further float DDIM "
                         "steps (0: at the perturbed step) instead of the network output (default: the seed's)")
+    p.add_argument("--rd-features", default=None, metavar="NET",
+                   help="rd: measure the distortion on this feature network's features (e.g. fmnist) of the "
+                        "predicted clean sample, not on pixels; implies --rd-lookahead 0 unless given")
+    p.add_argument("--rd-feature-output", choices=["pool", "logits"], default="pool",
+                   help="rd: which output of --rd-features is compared")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -432,7 +437,8 @@ def _rd_configs(args: argparse.Namespace, a_bits):
                                                       softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
     return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed,
-                                                  lookahead=args.rd_lookahead)
+                                          lookahead=args.rd_lookahead, features=args.rd_features,
+                                          feature_output=args.rd_feature_output)
 
 
 def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
@@ -456,7 +462,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "timestep_groups": calib.config.groups, "symmetric": args.symmetric, "group_size": args.group_size,
         "act_method": args.act_method, "softmax_bits": args.softmax_bits, "rules": args.rules,
         "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits,
-        "rd_lookahead": args.rd_lookahead, "curves": str(curves_dir),
+        "rd_lookahead": ccfg.lookahead, "rd_features": args.rd_features,
+        "rd_feature_output": args.rd_feature_output if args.rd_features else None, "curves": str(curves_dir),
         "predicted_distortion": plan.predicted,
         "measured_distortion": result.measured,
         "additivity_r2": result.additivity.r2 if result.additivity is not None else None,

@@ -436,6 +436,11 @@ def test_make_feature_net_with_own_apply_and_prepare():
     assert (net.pool_dim, net.spatial_shape, net.num_classes) == (4, (8, 8, 4), 2)
     img = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)
     np.testing.assert_allclose(net(img)["pool"], net(np.repeat(img, 3, -1))["pool"], rtol=1e-6)
+    # The traceable form computes the same inside a jitted function, on unrounded floats.
+    fimg = img.astype(np.float32) + 0.25
+    traced = jax.jit(lambda x: net.traced(x)["pool"])(fimg)
+    np.testing.assert_allclose(traced, net(fimg)["pool"], rtol=1e-6)
+    assert not np.allclose(traced, net(img)["pool"], rtol=1e-6)
     with pytest.raises(ConfigError, match="does not return"):
         make_feature_net("bad", module, variables, input_size=8, spatial_layer="-",
                          apply_fn=lambda v, x: {"pool": module.apply(v, x)[0]}, prepare=gray)

@@ -576,3 +576,113 @@ def test_lookahead_from_the_cli_and_the_quality_table_names():
     assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-la2"))  # kept apart from the seed's curves
     plain = quantize_args("m", parse_config("rd-w4a4-g10"), Path("c"), Path("w/q"))
     assert "--rd-lookahead" not in plain and plain[plain.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
+
+
+# --------------------------------------------------------------------------- feature space
+
+
+@pytest.fixture(scope="module")
+def feature_problem(setup):
+    """A problem measured on the features of x̂₀ (lookahead 1) under a tiny random feature
+    network registered for the test, with the curves of one weight site."""
+    import dataclasses
+
+    import flax.linen as fnn
+
+    from jaxquant.eval import features
+
+    class Tiny(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.silu(fnn.Conv(6, (3, 3))(x))
+            pool = fnn.Dense(5)(h.reshape(h.shape[0], -1))
+            return {"pool": pool, "spatial": h, "logits": pool[:, :3]}
+
+    module = Tiny()
+    variables = module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
+    prepare = lambda x: x.astype(jnp.float32).mean(-1, keepdims=True) / 127.5 - 1.0  # noqa: E731
+    net = features.make_feature_net("rd-test", module, variables, input_size=8, spatial_layer="conv",
+                                    prepare=prepare)
+    saved = dict(features._REGISTRY)
+    features.register_feature_net("rd-test", lambda: net, overwrite=True)
+    try:
+        model, calib, *_ = setup
+        problem = rd.RDProblem(model, calib, WCFG, ACFG, RULES,
+                               dataclasses.replace(CCFG, lookahead=1, features="rd-test"))
+        curves = rd.compute_curves(problem, only=["weight:mid_block.resnets.0.conv1"], progress=False)
+    finally:
+        features._REGISTRY.clear()
+        features._REGISTRY.update(saved)
+    return problem, curves, net
+
+
+def test_feature_curve_point_is_the_feature_error_of_the_written_out_x0(setup, feature_problem):
+    """A feature-space curve point: the quantized step, a float DDIM step, x̂₀ mapped to
+    pixels as the pipelines do (not rounded), the feature network's pool vector, squared
+    error against the float trajectory's; the reference energy is that of the features."""
+    from jaxquant.diffusion import ddim_step, predict_x0
+
+    model, calib, *_ = setup
+    problem, curves, net = feature_problem
+    layer = "mid_block.resnets.0.conv1"
+    params = rd.quantize_rd(problem, rd.RDPlan("mse", {layer: 3}, {}, False, 0, 0, [], 0, []))
+    inp = problem.inputs
+    ts, prevs, on = inp.chain
+    feats = lambda x0: np.asarray(net(np.clip(np.asarray(x0) / 2 + 0.5, 0, 1) * 255.0)["pool"])[0]  # noqa: E731
+
+    def x0_of(b, p):
+        x = jnp.asarray(inp.x[b][None])
+        for j in range(2):
+            t = jnp.asarray(ts[b, j:j + 1])
+            eps = model.module.apply({"params": p if j == 0 else model.params}, x, t, None)
+            if on[b, j]:
+                x0 = predict_x0(model.schedule, x, eps, t)
+            if j == 0 and on[b, 1]:
+                x = ddim_step(model.schedule, x, eps, t, jnp.asarray(prevs[b, :1]))
+        return x0
+
+    err2, ref2 = np.zeros(problem.groups), np.zeros(problem.groups)
+    for b in range(len(inp.t)):
+        ref = feats(x0_of(b, model.params))
+        np.testing.assert_allclose(inp.ref[b], ref, rtol=1e-4, atol=1e-5)
+        err2[inp.group[b]] += float(np.sum(np.square(feats(x0_of(b, params)) - ref)))
+        ref2[inp.group[b]] += float(np.sum(np.square(ref)))
+    assert inp.ref.shape == (len(inp.t), 5)
+    np.testing.assert_allclose(curves.ref2, ref2, rtol=1e-4)
+    c = curves.curves[f"weight:{layer}"]
+    tol = 1e-3 * err2.max()  # float32 rounding of a group whose error is 1e-3 of the other's
+    np.testing.assert_allclose(c.err2[:, c.bits.index(3)], err2, rtol=2e-3, atol=tol)
+    assert c.err2[:, 0].sum() > c.err2[:, -1].sum() > 0  # 2 bits cost more than 8
+    np.testing.assert_allclose(rd.measure_distortion(problem, params)[:, 0], err2, rtol=2e-3, atol=tol)
+
+
+def test_feature_curves_refuse_ssim_and_say_what_they_measure(feature_problem):
+    problem, curves, _ = feature_problem
+    assert curves.settings["features"] == "rd-test:pool"
+    assert problem.config.lookahead == 1 and rd.CurveConfig(features="fmnist").lookahead == 0
+    assert np.isnan(next(iter(curves.curves.values())).dssim).all()
+    key = next(iter(curves.curves))
+    assert np.isfinite(curves.distortion(key, "mse")).all()
+    with pytest.raises(ConfigError, match="no SSIM"):
+        curves.distortion(key, "mse+ssim")
+    with pytest.raises(ConfigError, match="feature_output"):
+        rd.CurveConfig(features="fmnist", feature_output="spatial")
+    with pytest.raises(ConfigError, match="unknown feature network"):
+        rd.RDProblem(problem.model, problem.calib, WCFG, ACFG, RULES, rd.CurveConfig(features="nope"))
+
+
+def test_features_from_the_cli_and_the_quality_table_names():
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args
+
+    for cmd in ("rd-curves", "quantize"):
+        args = cli.build_parser().parse_args([cmd, "M", "--out", "D", "--rd-features", "fmnist"])
+        ccfg = cli._rd_configs(args, None)[3]
+        assert (ccfg.features, ccfg.feature_output, ccfg.lookahead) == ("fmnist", "pool", 0)
+    cfg = parse_config("rd-w4a4-g10-la2-feat")
+    argv = quantize_args("m", cfg, Path("c"), Path("w/q"))
+    assert argv[argv.index("--rd-features") + 1] == "fmnist" and argv[argv.index("--rd-lookahead") + 1] == "2"
+    assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-la2-feat"))
+    argv = quantize_args("m", parse_config("rd-w4a4-g10-feat"), Path("c"), Path("w/q"))
+    assert "--rd-lookahead" not in argv and argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-feat"))

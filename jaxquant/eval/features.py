@@ -312,6 +312,11 @@ class FeatureNet:
       input_size: the square resolution images are resized to.
       spatial_layer: the layer ``spatial`` is taken from (for reports).
       module, variables: the Flax module and its variables (e.g. to quantize).
+      traced: ``traced(images) -> {"pool", "spatial", "logits"}`` for float
+        ``[N, H, W, 1|3]`` images in ``[0, 255]``: the same computation as ``extract``
+        without the checks and the jit, to call inside a traced function (the variables
+        are closed over). Values are not rounded to integers, so it sees errors
+        smaller than one grey level (as a distortion measure needs).
     """
 
     name: str
@@ -323,6 +328,7 @@ class FeatureNet:
     spatial_layer: str
     module: Optional[nn.Module] = None
     variables: Optional[Variables] = None
+    traced: Optional[Callable[[jax.Array], dict[str, jax.Array]]] = None
 
     def __call__(self, images: Any) -> dict[str, jax.Array]:
         return self.extract(images)
@@ -360,6 +366,9 @@ def make_feature_net(
     def _run(v: Variables, images: jax.Array) -> dict[str, jax.Array]:
         return fn(v, prepare(images))
 
+    def traced(images: jax.Array) -> dict[str, jax.Array]:
+        return fn(variables, prepare(jnp.asarray(images, jnp.float32)))
+
     def extract(images: Any) -> dict[str, jax.Array]:
         return _run(variables, check_images(images))
 
@@ -377,6 +386,7 @@ def make_feature_net(
         spatial_layer=spatial_layer,
         module=module,
         variables=variables,
+        traced=traced,
     )
 
 

@@ -156,11 +156,14 @@ def output_stats(out: jax.Array, ref: jax.Array, cfg: SSIMConfig = SSIMConfig())
 
     Returns ``[N, 2]``: ``‖out − ref‖²`` and ``1 − SSIM`` (mean over channels, with the
     data range of each sample and channel of ``ref``). Sums of these over a group's
-    samples, with ``‖ref‖²``, give every distortion of :func:`distortion`.
+    samples, with ``‖ref‖²``, give every distortion of :func:`distortion`. Vectors
+    (``[N, D]``, e.g. features) have no SSIM: that column is NaN.
     """
     out = out.astype(jnp.float32)
     ref = ref.astype(jnp.float32)
     err2 = jnp.sum(jnp.square(out - ref).reshape(out.shape[0], -1), axis=1)
+    if out.ndim == 2:
+        return jnp.stack([err2, jnp.full_like(err2, jnp.nan)], axis=1)
     rng = ref.max(axis=(1, 2)) - ref.min(axis=(1, 2))  # [N, C]
     rng = jnp.where(rng > 0, rng, 1.0)
     d = dssim(out, ref, rng, cfg).mean(axis=1)

@@ -35,6 +35,15 @@ denoiser removes (high-frequency, noise-like) counts less than one it carries fo
 (a change of content). Each single-site curve still perturbs only the steps of its own
 timestep group, so the sum over groups keeps the additive reading across timesteps.
 
+In feature space (``CurveConfig.features``, e.g. ``"fmnist"``): the compared ``x̂₀`` (the
+lookahead's, ``k = 0`` when none is given) is mapped to an image as the pipelines do
+(``clip(x̂₀/2 + 1/2, 0, 1)·255``, decoded by the float first stage for latent models, not
+rounded) and through a feature network of :mod:`jaxquant.eval.features`; the distortion
+is the normalised squared error of its ``feature_output`` vector (``"pool"``: the
+features FID is computed on; ``"logits"``: the class scores). This weighs an error by what
+it changes in the content the evaluation sees, rather than pixel by pixel. SSIM has no
+meaning on feature vectors: such curves give only ``"mse"``.
+
 Timestep groups: every curve has one row per group (the calibration's groups).
 Activation bits are chosen per group (their own budget each, stored as per-group bit
 widths in :class:`~jaxquant.quant.activation.ActQuant`); weights are shared by all
@@ -132,6 +141,10 @@ class CurveConfig:
       lookahead: ``None`` (the seed): compare the network output of the perturbed step;
         ``k ≥ 0``: compare the ``x̂₀`` predicted after ``k`` further float DDIM steps
         (module docstring). Needs a DDIM calibration without classifier-free guidance.
+      features: compare the ``feature_output`` of this feature network
+        (:func:`jaxquant.eval.features.get_feature_net`) on the image of ``x̂₀`` instead of
+        pixels (module docstring); implies a lookahead (``0`` when it is ``None``).
+      feature_output: ``"pool"`` or ``"logits"``.
     """
 
     weight_bits: tuple[int, ...] = WEIGHT_BITS
@@ -141,6 +154,8 @@ class CurveConfig:
     seed: int = 0
     ssim: SSIMConfig = SSIMConfig()
     lookahead: int | None = None
+    features: str | None = None
+    feature_output: str = "pool"
 
     def __post_init__(self):
         if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
@@ -152,6 +167,10 @@ class CurveConfig:
         if self.lookahead is not None and (isinstance(self.lookahead, bool) or int(self.lookahead) != self.lookahead
                                            or self.lookahead < 0):
             raise ConfigError(f"lookahead must be None or a whole number of steps ≥ 0, got {self.lookahead!r}")
+        if self.feature_output not in ("pool", "logits"):
+            raise ConfigError(f"feature_output must be 'pool' or 'logits', got {self.feature_output!r}")
+        if self.features is not None and self.lookahead is None:
+            object.__setattr__(self, "lookahead", 0)  # features are taken of x̂₀
         object.__setattr__(self, "weight_bits", tuple(sorted(set(self.weight_bits))))
         object.__setattr__(self, "act_bits", tuple(sorted(set(self.act_bits))))
 
@@ -164,7 +183,7 @@ class RDInputs:
     t: np.ndarray            # [B] int32
     y: np.ndarray | None     # [B] labels (class-conditional models)
     group: np.ndarray        # [B] timestep group
-    ref: np.ndarray          # [B, H, W, C] float output compared (network output, or x̂₀ with a lookahead)
+    ref: np.ndarray          # [B, ...] float output compared (network output, x̂₀ with a lookahead, or its features)
     chain: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     """With a lookahead ``k``: ``(t, t_prev, on)``, each ``[B, k + 1]``, the timesteps of the
     perturbed step and the ``k`` float steps after it; ``on`` is False past the trajectory's end."""
@@ -206,6 +225,14 @@ class RDProblem:
             if model.is_class_conditional and calib.config.cfg_scale != 1.0:
                 raise ConfigError("a lookahead with classifier-free guidance is not supported yet "
                                   "(calibrate without guidance, or leave the lookahead off)")
+        self._features = None
+        if config.features is not None:
+            from jaxquant.eval.features import get_feature_net
+
+            net = get_feature_net(config.features)
+            if net.traced is None:
+                raise ConfigError(f"feature network {config.features!r} has no traceable form")
+            self._features = net.traced
         self._kernels = layer_kernels(model.params)
         self.layer_configs = {n: c for n, c in resolve(self._kernels, self.rules).items() if c is not None}
         if not self.layer_configs:
@@ -319,8 +346,9 @@ class RDProblem:
                chain: tuple[jax.Array, jax.Array, jax.Array] | None, apply: Callable | None = None) -> jax.Array:
         """What the distortion compares, traceable: ``apply(params, x, t, y)`` (the network
         output) without a lookahead; with one, ``x̂₀`` after the perturbed step and the
-        ``k`` DDIM steps of ``apply(float_params, …)`` given by ``chain`` (:class:`RDInputs`).
-        ``apply`` defaults to the model's plain forward pass."""
+        ``k`` DDIM steps of ``apply(float_params, …)`` given by ``chain`` (:class:`RDInputs`),
+        or its features (``CurveConfig.features``). ``apply`` defaults to the model's plain
+        forward pass."""
         if apply is None:
             module = self.model.module
             apply = lambda p, x, t, y: module.apply({"params": p}, x, t, y)  # noqa: E731
@@ -338,7 +366,15 @@ class RDProblem:
             x0 = x0_j if j == 0 else jnp.where(mask(j), x0_j, x0)
             if j + 1 < ts.shape[1]:
                 x = jnp.where(mask(j + 1), ddim_step(sched, x, eps, ts[:, j], prevs[:, j]), x)
-        return x0
+        return x0 if self._features is None else self._feature_vector(float_params, x0)
+
+    def _feature_vector(self, float_params: Any, x0: jax.Array) -> jax.Array:
+        """``[B, D]`` features of the images of ``x̂₀`` (as the pipelines map samples to
+        images, without rounding; latents decoded by the float first stage)."""
+        if hasattr(self.model.module, "decode"):
+            x0 = self.model.module.apply({"params": float_params}, x0, method="decode")
+        pixels = jnp.clip(x0 / 2 + 0.5, 0.0, 1.0) * 255.0
+        return self._features(pixels)[self.config.feature_output].reshape(x0.shape[0], -1)
 
     # -- quantizers
 
@@ -395,7 +431,9 @@ class RDProblem:
         for s in self.sites:
             if s.kind != "weight":
                 h.update(np.ascontiguousarray(self.calib.samples[s.name], np.float32).tobytes())
+        extra = {} if self.config.features is None else {"features": f"{self.config.features}:{self.config.feature_output}"}
         return {
+            **extra,
             "params_and_inputs_sha256": h.hexdigest(),
             "groups": self.groups,
             "layers": {n: _form(c) for n, c in self.layer_configs.items()},
@@ -532,7 +570,14 @@ class RDCurves:
     def distortion(self, key: str, kind: str = "mse") -> np.ndarray:
         """``[G, M]`` distortion of the site's candidates per group."""
         c = self.curves[key]
+        self.check_kind(kind)
         return distortion(kind, c.err2, self.ref2[:, None], c.dssim, self.count[:, None])
+
+    def check_kind(self, kind: str) -> None:
+        """Raise ``ConfigError`` for a distortion these curves cannot give (SSIM of features)."""
+        if kind == "mse+ssim" and self.settings.get("features"):
+            raise ConfigError(f"curves measured in feature space ({self.settings['features']}) have no SSIM "
+                              "term; use the 'mse' distortion with them")
 
     def of_kind(self, kind: str) -> list[SiteCurve]:
         return [c for c in self.curves.values() if c.site.kind == kind]
@@ -1132,6 +1177,7 @@ def measure_distortion(problem: RDProblem, params: dict) -> np.ndarray:
 
 def group_distortion(curves: RDCurves, sums: np.ndarray, kind: str = "mse") -> np.ndarray:
     """``[G]`` distortions from ``[G, 2]`` sums of :func:`measure_distortion` / joint runs."""
+    curves.check_kind(kind)
     return distortion(kind, sums[:, 0], curves.ref2, sums[:, 1], curves.count)
 
 
