@@ -27,6 +27,8 @@ Configurations are short names:
                             (--rd-lookahead 2; curves kept apart, in rd-curves-g10-la2)
     rd-w4a4-g10-feat        ... distortion of the fmnist features of x̂₀ (--rd-features fmnist,
                             lookahead 0 unless -laK; curves in rd-curves-g10-feat)
+    rd-w4a4-g1-traj         ... distortion of the final sample of whole trajectories with the site
+                            quantized at every step of its group (--rd-trajectory; rd-curves-g1-traj)
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
 rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
@@ -75,6 +77,8 @@ def parse_config(name: str) -> dict:
             cfg["lookahead"] = int(part[2:])
         elif part == "feat" and m["method"] == "rd":
             cfg["features"] = "fmnist"
+        elif part == "traj" and m["method"] == "rd":
+            cfg["trajectory"] = True
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -92,13 +96,16 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     if cfg["method"] == "rd":
         # curves depend on neither the budget nor the distortion kind: one set per group count
         # (and lookahead, which changes what is measured)
-        la, feat = cfg.get("lookahead"), cfg.get("features")
-        curves = f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-feat" if feat else "")
+        la, feat, traj = cfg.get("lookahead"), cfg.get("features"), cfg.get("trajectory")
+        curves = (f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-traj" if traj else "")
+                  + ("-feat" if feat else ""))
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
         if la is not None:
             argv += ["--rd-lookahead", str(la)]
         if feat:
             argv += ["--rd-features", feat]
+        if traj:
+            argv += ["--rd-trajectory"]
         if cfg.get("min_weight_bits"):
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("finetune_steps"):

@@ -19,7 +19,10 @@ whole low-resolution set together at the low width and compares the measured joi
 distortion with the sum of the single-layer points (additivity within that set). A third
 part (``--models``) measures whole quantized models (any method, any number of activation
 groups, run as sampling runs them) on the same inputs, so that models whose FIDs are known
-can be ranked by each measure.
+can be ranked by each measure. A fourth part (``--trajectories N``) quantizes one layer (and
+then the whole low-resolution set) at *every* step of ``N`` whole DDIM trajectories and
+compares the final samples with the float model's from the same noise (pixels, and the
+fmnist pool features): the drift that an error repeated at every step accumulates.
 
     python -m benchmarks.rd_lookahead_probe --calib runs/quality/ddpm-fmnist/calib-g10
 """
@@ -73,6 +76,55 @@ def _model_distortion(model, problem, params) -> np.ndarray:
     return err2 / inp.ref_energy(problem.groups)
 
 
+def _trajectory_drift(model, layers, low, bits: int, num: int, steps: int) -> dict:
+    """Part 4: ``{layer: {"pixel", "features"}}`` drift of whole trajectories with the
+    layer's (or a named set's) weights at ``bits`` at every step, against the float model."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxquant.diffusion.pipeline import sampling_fn
+    from jaxquant.diffusion.samplers import initial_noise
+    from jaxquant.eval.features import get_feature_net
+    from jaxquant.quant import dispatch
+    from jaxquant.quant.rules import _split_name, layer_kernels
+    from jaxquant.quant.uniform import WeightQuantConfig, quantize_weight
+
+    fn = sampling_fn(model, steps=steps)
+    x_T = initial_noise(jax.random.key(0), (num, *model.sample_shape))
+    key = jax.random.key(1)
+    net = get_feature_net("fmnist")
+    kernels = layer_kernels(model.params)
+
+    def sample(params):
+        x = np.asarray(fn(params, x_T, key), np.float64)
+        img = np.clip(x / 2 + 0.5, 0, 1) * 255.0
+        return x, np.asarray(jax.jit(lambda a: net.traced(a)["pool"])(jnp.asarray(img, jnp.float32)), np.float64)
+
+    def with_bits(names):
+        params = jax.tree_util.tree_map(lambda a: a, model.params)
+        for n in names:
+            node = params
+            for k in _split_name(model.params, n):
+                node = node[k]
+            q = quantize_weight(kernels[n], WeightQuantConfig(bits=bits))
+            node["kernel"] = jnp.asarray(dispatch.materialize(q), kernels[n].dtype)
+        return params
+
+    x_fp, f_fp = sample(model.params)
+    out = {}
+    print(f"whole trajectories ({num} noises, DDIM-{steps}) with the weights at {bits} bits at every step; "
+          "drift of the final samples from the float ones (normalised squared error)")
+    for item in layers:
+        label, names = item if isinstance(item, tuple) else (item, [item])
+        x, f = sample(with_bits(names))
+        d = {"pixel": float(np.sum((x - x_fp) ** 2) / np.sum(x_fp ** 2)),
+             "features": float(np.sum((f - f_fp) ** 2) / np.sum(f_fp ** 2))}
+        out[label] = d
+        kind = "set " if len(names) > 1 else "low " if label in low else "high"
+        print(f"  {kind} {label:34s} pixel {d['pixel']:10.3e}  features {d['features']:10.3e}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ddpm-fmnist")
@@ -87,6 +139,9 @@ def main() -> None:
     ap.add_argument("--model-lookaheads", nargs="*", default=["none"])
     ap.add_argument("--inputs-per-group", type=int, default=8)
     ap.add_argument("--features", default=None, help="compare this feature network's features of x̂₀ (e.g. fmnist)")
+    ap.add_argument("--trajectories", type=int, default=0,
+                    help="part 4: whole DDIM trajectories per layer (0: skip)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps of part 4")
     ap.add_argument("--json", action="store_true", help="write benchmarks/results/rd_lookahead_probe.json")
     args = ap.parse_args()
 
@@ -144,6 +199,9 @@ def main() -> None:
             meas = _model_distortion(model, p, jaxquant.load(d).params)
             result["models"].setdefault(name, {})[d] = meas.tolist()
             print(f"model {d}, lookahead {name}: {meas.sum():.4e} (per group {np.array2string(meas, precision=3)})")
+    if args.trajectories:
+        result["trajectories"] = _trajectory_drift(model, layers + [("low set", joint)], args.low, low_bits,
+                                                   args.trajectories, args.steps)
     if args.json:
         name = "rd_lookahead_probe" + (f"_{args.features}" if args.features else "")
         print(f"wrote {write_result(name, result)}")

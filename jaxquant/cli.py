@@ -310,6 +310,10 @@ def _add_rd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rd-features", default=None, metavar="NET",
                    help="rd: measure the distortion on this feature network's features (e.g. fmnist) of the "
                         "predicted clean sample, not on pixels; implies --rd-lookahead 0 unless given")
+    p.add_argument("--rd-trajectory", action="store_true",
+                   help="rd: measure along whole trajectories: the site quantized at every step of its timestep "
+                        "group from the group's first step, the final sample compared (errors that accumulate "
+                        "over steps count; a trajectory of forward passes per input)")
     p.add_argument("--rd-feature-output", choices=["pool", "logits"], default="pool",
                    help="rd: which output of --rd-features is compared")
 
@@ -438,7 +442,7 @@ def _rd_configs(args: argparse.Namespace, a_bits):
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
     return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed,
                                           lookahead=args.rd_lookahead, features=args.rd_features,
-                                          feature_output=args.rd_feature_output)
+                                          feature_output=args.rd_feature_output, trajectory=args.rd_trajectory)
 
 
 def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
@@ -463,7 +467,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "act_method": args.act_method, "softmax_bits": args.softmax_bits, "rules": args.rules,
         "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits,
         "rd_lookahead": ccfg.lookahead, "rd_features": args.rd_features,
-        "rd_feature_output": args.rd_feature_output if args.rd_features else None, "curves": str(curves_dir),
+        "rd_feature_output": args.rd_feature_output if args.rd_features else None,
+        "rd_trajectory": args.rd_trajectory, "curves": str(curves_dir),
         "predicted_distortion": plan.predicted,
         "measured_distortion": result.measured,
         "additivity_r2": result.additivity.r2 if result.additivity is not None else None,

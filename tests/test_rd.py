@@ -508,6 +508,7 @@ def test_lookahead_reference_is_x0_of_the_float_trajectory_k_steps_on(setup, loo
         np.testing.assert_allclose(inp.ref[b], np.asarray(want), rtol=0, atol=2e-4)
     assert ends == {True, False}  # both the full lookahead and the clamped one are covered
     assert inp.chain[0].shape == (len(inp.t), 3) and inp.chain[2][:, 0].all()
+    assert inp.chain[3][:, 0].all() and not inp.chain[3][:, 1:].any()  # only the first step is quantized
 
 
 def test_lookahead_curve_point_is_the_perturbed_step_then_float_steps(setup, lookahead):
@@ -521,7 +522,7 @@ def test_lookahead_curve_point_is_the_perturbed_step_then_float_steps(setup, loo
     layer = "mid_block.resnets.0.conv1"
     params = rd.quantize_rd(problem, rd.RDPlan("mse", {layer: 3}, {}, False, 0, 0, [], 0, []))
     inp = problem.inputs
-    ts, prevs, on = inp.chain
+    ts, prevs, on, _ = inp.chain
     err2 = np.zeros(problem.groups)
     for b in range(len(inp.t)):
         x = jnp.asarray(inp.x[b][None])
@@ -627,7 +628,7 @@ def test_feature_curve_point_is_the_feature_error_of_the_written_out_x0(setup, f
     layer = "mid_block.resnets.0.conv1"
     params = rd.quantize_rd(problem, rd.RDPlan("mse", {layer: 3}, {}, False, 0, 0, [], 0, []))
     inp = problem.inputs
-    ts, prevs, on = inp.chain
+    ts, prevs, on, _ = inp.chain
     feats = lambda x0: np.asarray(net(np.clip(np.asarray(x0) / 2 + 0.5, 0, 1) * 255.0)["pool"])[0]  # noqa: E731
 
     def x0_of(b, p):
@@ -686,3 +687,66 @@ def test_features_from_the_cli_and_the_quality_table_names():
     assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-la2-feat"))
     argv = quantize_args("m", parse_config("rd-w4a4-g10-feat"), Path("c"), Path("w/q"))
     assert "--rd-lookahead" not in argv and argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-feat"))
+    args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--rd-trajectory"])
+    assert cli._rd_configs(args, None)[3].trajectory
+    argv = quantize_args("m", parse_config("rd-w4a4-g1-traj"), Path("c"), Path("w/q"))
+    assert "--rd-trajectory" in argv and argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g1-traj"))
+
+
+# --------------------------------------------------------------------------- whole trajectories
+
+
+def test_trajectory_curve_point_quantizes_every_step_of_its_group(setup):
+    """Trajectory curves: each input starts at its group's first calibration step, the
+    site is quantized at every step of that group and float after it, and the sample's
+    x̂₀ at the last step is compared with the float trajectory's (the calibration's)."""
+    import dataclasses
+
+    from jaxquant.diffusion import ddim_step, predict_x0
+
+    model, calib, *_ = setup
+    problem = rd.RDProblem(model, calib, WCFG, ACFG, RULES, dataclasses.replace(CCFG, trajectory=True))
+    layer = "mid_block.resnets.0.conv1"
+    curves = rd.compute_curves(problem, only=[f"weight:{layer}"], progress=False)
+    inp = problem.inputs
+    steps_of = np.asarray(calib.step_groups)
+    ts_all = [int(t) for t in calib.timesteps]
+    S = len(ts_all)
+    assert sorted(set(inp.t.tolist())) == sorted(ts_all[int(np.flatnonzero(steps_of == g)[0])] for g in range(2))
+    ts, prevs, on, perturbed = inp.chain
+    for idx in problem.batches(8):  # each batch shares one pattern of quantized steps
+        assert (perturbed[idx] == perturbed[idx[0]]).all()
+    params = rd.quantize_rd(problem, rd.RDPlan("mse", {layer: 3}, {}, False, 0, 0, [], 0, []))
+    err2 = np.zeros(problem.groups)
+    for b in range(len(inp.t)):
+        x = jnp.asarray(inp.x[b][None])
+        first = ts_all.index(int(inp.t[b]))
+        n = int(np.argmin(np.abs(calib.inputs[first] - inp.x[b]).reshape(calib.inputs.shape[1], -1).max(axis=1)))
+        for s in range(first, S):
+            t = jnp.full((1,), ts_all[s], jnp.int32)
+            p = params if steps_of[s] == inp.group[b] else model.params
+            eps = model.module.apply({"params": p}, x, t, None)
+            x0 = predict_x0(model.schedule, x, eps, t)
+            if s < S - 1:
+                x = ddim_step(model.schedule, x, eps, t, jnp.full((1,), int(prevs[b, s - first]), jnp.int32))
+        # the float reference is x̂₀ of the calibration's own trajectory at its last step
+        xl = jnp.asarray(calib.inputs[S - 1, n][None])
+        tl = jnp.full((1,), ts_all[-1], jnp.int32)
+        np.testing.assert_allclose(inp.ref[b], np.asarray(predict_x0(model.schedule, xl, model(xl, tl), tl))[0],
+                                   rtol=0, atol=2e-4)
+        err2[inp.group[b]] += float(np.sum(np.square(np.asarray(x0)[0] - inp.ref[b])))
+    c = curves.curves[f"weight:{layer}"]
+    np.testing.assert_allclose(c.err2[:, c.bits.index(3)], err2, rtol=2e-3)
+    np.testing.assert_allclose(rd.measure_distortion(problem, params)[:, 0], err2, rtol=2e-3)
+    # the group whose steps come first repeats its error over more steps than a lookahead does
+    assert perturbed.sum(axis=1).min() == min(np.bincount(steps_of))
+    with pytest.raises(ConfigError, match="leave lookahead unset"):
+        rd.CurveConfig(trajectory=True, lookahead=2)
+
+
+def test_curves_made_before_new_settings_keep_their_fingerprint(setup):
+    """Settings added later (features, trajectory) at their defaults do not change the
+    fingerprint, so stored curves still resume."""
+    *_, problem, _, _ = setup
+    cfg = problem.fingerprint()["config"]
+    assert "features" not in cfg and "trajectory" not in cfg and "lookahead" in cfg

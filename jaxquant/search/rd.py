@@ -35,6 +35,15 @@ denoiser removes (high-frequency, noise-like) counts less than one it carries fo
 (a change of content). Each single-site curve still perturbs only the steps of its own
 timestep group, so the sum over groups keeps the additive reading across timesteps.
 
+Along whole trajectories (``CurveConfig.trajectory``): the inputs are the calibration
+trajectories at the *first* step of each timestep group, the site is quantized at *every*
+step of that group, the float network runs the steps after it, and ``x̂₀`` at the last
+step (the sample) is compared. An error that every step of a group repeats in the same
+direction accumulates here, as it does in quantized sampling, where one perturbed step
+followed by float steps (the lookahead) lets the float steps repair it. With one timestep
+group this is the drift of whole quantized trajectories; with ``G`` groups each curve row
+still perturbs only its own group. Each input costs a whole trajectory of forward passes.
+
 In feature space (``CurveConfig.features``, e.g. ``"fmnist"``): the compared ``x̂₀`` (the
 lookahead's, ``k = 0`` when none is given) is mapped to an image as the pipelines do
 (``clip(x̂₀/2 + 1/2, 0, 1)·255``, decoded by the float first stage for latent models, not
@@ -145,6 +154,10 @@ class CurveConfig:
         (:func:`jaxquant.eval.features.get_feature_net`) on the image of ``x̂₀`` instead of
         pixels (module docstring); implies a lookahead (``0`` when it is ``None``).
       feature_output: ``"pool"`` or ``"logits"``.
+      trajectory: measure along whole trajectories (module docstring): inputs at each
+        group's first step, the site quantized at all of the group's steps, the sample
+        compared. Replaces ``lookahead`` (which must then be ``None``); needs a DDIM
+        calibration without classifier-free guidance, as a lookahead does.
     """
 
     weight_bits: tuple[int, ...] = WEIGHT_BITS
@@ -156,6 +169,7 @@ class CurveConfig:
     lookahead: int | None = None
     features: str | None = None
     feature_output: str = "pool"
+    trajectory: bool = False
 
     def __post_init__(self):
         if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
@@ -169,7 +183,9 @@ class CurveConfig:
             raise ConfigError(f"lookahead must be None or a whole number of steps ≥ 0, got {self.lookahead!r}")
         if self.feature_output not in ("pool", "logits"):
             raise ConfigError(f"feature_output must be 'pool' or 'logits', got {self.feature_output!r}")
-        if self.features is not None and self.lookahead is None:
+        if self.trajectory and self.lookahead is not None:
+            raise ConfigError("trajectory curves run every input to the end of its trajectory; leave lookahead unset")
+        if self.features is not None and self.lookahead is None and not self.trajectory:
             object.__setattr__(self, "lookahead", 0)  # features are taken of x̂₀
         object.__setattr__(self, "weight_bits", tuple(sorted(set(self.weight_bits))))
         object.__setattr__(self, "act_bits", tuple(sorted(set(self.act_bits))))
@@ -184,9 +200,11 @@ class RDInputs:
     y: np.ndarray | None     # [B] labels (class-conditional models)
     group: np.ndarray        # [B] timestep group
     ref: np.ndarray          # [B, ...] float output compared (network output, x̂₀ with a lookahead, or its features)
-    chain: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    """With a lookahead ``k``: ``(t, t_prev, on)``, each ``[B, k + 1]``, the timesteps of the
-    perturbed step and the ``k`` float steps after it; ``on`` is False past the trajectory's end."""
+    chain: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    """With a lookahead ``k``: ``(t, t_prev, on, perturbed)``, each ``[B, k + 1]``, the
+    timesteps of the perturbed step and the ``k`` steps after it; ``on`` is False past the
+    trajectory's end; ``perturbed`` marks the steps run with the quantized parameters (the
+    first only, or with ``trajectory`` all steps of the input's group)."""
 
     def ref_energy(self, groups: int) -> np.ndarray:
         """``[G]`` summed ``‖O‖²`` of the reference outputs of each timestep group."""
@@ -218,7 +236,7 @@ class RDProblem:
         self.rules = list(rules) if rules is not None else default_rules(self.weights)
         self.config = config
         self.groups = int(calib.config.groups)
-        if config.lookahead is not None:
+        if config.lookahead is not None or config.trajectory:
             if calib.config.sampler != "ddim":
                 raise ConfigError(f"a lookahead follows the calibration's DDIM trajectory; this calibration "
                                   f"used the {calib.config.sampler!r} sampler (calibrate with --sampler ddim)")
@@ -309,6 +327,8 @@ class RDProblem:
             if len(steps) == 0:
                 raise ConfigError(f"timestep group {g} has no calibration step; calibrate with more --steps "
                                   f"(at least as many as groups, spread over all timesteps)")
+            if self.config.trajectory:
+                steps = steps[:1]  # whole trajectories start at the group's first step
             pairs = np.stack(np.meshgrid(steps, np.arange(N), indexing="ij"), -1).reshape(-1, 2)
             k = min(self.config.inputs_per_group, len(pairs))
             picks.append(pairs[np.sort(rng.choice(len(pairs), k, replace=False))])
@@ -318,15 +338,22 @@ class RDProblem:
         y = np.asarray(c.labels)[pairs[:, 1]].astype(np.int32) if self.model.is_class_conditional else None
         group = np.asarray(c.step_groups)[pairs[:, 0]].astype(np.int32)
         chain = None
-        if self.config.lookahead is not None:
+        if self.config.lookahead is not None or self.config.trajectory:
             from jaxquant.diffusion.samplers import previous_timesteps
 
-            steps = pairs[:, :1] + np.arange(self.config.lookahead + 1)[None]      # [B, k + 1]
-            last = len(c.timesteps) - 1
-            prevs = previous_timesteps(self.model.schedule, len(c.timesteps), "ddim")
+            last = S - 1
+            k = last - int(pairs[:, 0].min()) if self.config.trajectory else self.config.lookahead
+            steps = pairs[:, :1] + np.arange(k + 1)[None]      # [B, k + 1]
+            prevs = previous_timesteps(self.model.schedule, S, "ddim")
             at = np.minimum(steps, last)
-            chain = (np.asarray(c.timesteps)[at].astype(np.int32), np.asarray(prevs)[at].astype(np.int32),
-                     steps <= last)
+            on = steps <= last
+            if self.config.trajectory:
+                perturbed = on & (np.asarray(c.step_groups)[at] == group[:, None])
+            else:
+                perturbed = np.zeros_like(on)
+                perturbed[:, 0] = True
+            chain = (np.asarray(c.timesteps)[at].astype(np.int32), np.asarray(prevs)[at].astype(np.int32), on,
+                     perturbed)
         null = getattr(self.model.network_config, "unconditional_label", None)
         if y is not None and c.config.cfg_scale != 1.0 and null is not None:
             # Guided sampling also runs the model on the unconditional label: measure both.
@@ -337,10 +364,27 @@ class RDProblem:
     def _forward_float(self, x, t, y, chain) -> np.ndarray:
         fwd = xla.jit(lambda p, x, t, y, chain: self.output(p, p, x, t, y, chain))
         bs = self.config.batch_size
-        out = [np.asarray(fwd(self.model.params, x[i:i + bs], t[i:i + bs], None if y is None else y[i:i + bs],
-                              None if chain is None else tuple(a[i:i + bs] for a in chain)))
-               for i in range(0, len(x), bs)]
-        return np.concatenate(out).astype(np.float32)
+        parts, order = [], []
+        for j in self.batches(bs, len(x), None if chain is None else chain[3]):
+            parts.append(np.asarray(fwd(self.model.params, *_take((x, t, y, chain), j))))
+            order.append(j)
+        return np.concatenate(parts)[np.argsort(np.concatenate(order))].astype(np.float32)
+
+    def batches(self, size: int, n: int | None = None, perturbed: np.ndarray | None = None) -> list[np.ndarray]:
+        """Index arrays of at most ``size`` inputs (all ``n``, default :attr:`inputs`'s),
+        each of one ``perturbed`` pattern (so :meth:`output` can pick the parameters of
+        a step by a scalar, the same for the whole batch): consecutive runs otherwise."""
+        if n is None:
+            n = len(self.inputs.t)
+            perturbed = None if self.inputs.chain is None else self.inputs.chain[3]
+        if perturbed is None or not self.config.trajectory:
+            return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+        _, kind = np.unique(perturbed, axis=0, return_inverse=True)
+        out = []
+        for k in np.unique(kind):
+            idx = np.flatnonzero(kind.ravel() == k)
+            out += [idx[i:i + size] for i in range(0, len(idx), size)]
+        return out
 
     def output(self, params: Any, float_params: Any, x: jax.Array, t: jax.Array, y: jax.Array | None,
                chain: tuple[jax.Array, jax.Array, jax.Array] | None, apply: Callable | None = None) -> jax.Array:
@@ -357,11 +401,15 @@ class RDProblem:
         from jaxquant.diffusion.samplers import ddim_step, predict_x0
 
         sched = self.model.schedule
-        ts, prevs, on = chain
+        ts, prevs, on, perturbed = chain
         mask = lambda j: on[:, j].reshape(-1, *([1] * (x.ndim - 1)))  # noqa: E731
         x0 = None
         for j in range(ts.shape[1]):
-            eps = apply(params if j == 0 else float_params, x, ts[:, j], y)
+            if j == 0 or not self.config.trajectory:
+                eps = apply(params if j == 0 else float_params, x, ts[:, j], y)
+            else:  # the batch shares its perturbed pattern (RDProblem.batches): one branch runs
+                eps = lax.cond(perturbed[0, j], lambda a: apply(params, *a), lambda a: apply(float_params, *a),
+                               (x, ts[:, j], y))
             x0_j = predict_x0(sched, x, eps, ts[:, j])
             x0 = x0_j if j == 0 else jnp.where(mask(j), x0_j, x0)
             if j + 1 < ts.shape[1]:
@@ -438,8 +486,20 @@ class RDProblem:
             "groups": self.groups,
             "layers": {n: _form(c) for n, c in self.layer_configs.items()},
             "acts": _form(self.acts),
-            "config": repr({k: v for k, v in dataclasses.asdict(self.config).items() if k != "batch_size"}),
+            "config": repr({k: v for k, v in dataclasses.asdict(self.config).items()
+                            if k != "batch_size" and _LATER_DEFAULTS.get(k, _NO) != v}),
         }
+
+
+#: Curve settings added after curves were first stored, at their defaults: left out of the
+#: fingerprint, so curves made before them still resume and are reused.
+_LATER_DEFAULTS = {"features": None, "feature_output": "pool", "trajectory": False}
+_NO = object()
+
+
+def _take(arrays: Sequence[Any], idx: np.ndarray) -> tuple:
+    """``arrays`` (arrays, ``None`` or tuples of arrays) at the rows ``idx``."""
+    return tuple(None if a is None else tuple(b[idx] for b in a) if isinstance(a, tuple) else a[idx] for a in arrays)
 
 
 def _form(cfg: Any) -> str:
@@ -652,8 +712,7 @@ class _Evaluator:
         """``(sample indices padded to batch_size, number valid)`` over all inputs."""
         n, bs = len(self.p.inputs.t), self.p.config.batch_size
         bs = min(bs, n)
-        for i in range(0, n, bs):
-            idx = np.arange(i, min(i + bs, n))
+        for idx in self.p.batches(bs):
             yield np.concatenate([idx, np.full(bs - len(idx), idx[-1])]), len(idx)
 
     def _batch(self, idx):
