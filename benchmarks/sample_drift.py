@@ -13,6 +13,10 @@ model's sample from the same noise:
   ``ln 10 = 2.30``) and the mean top-class probability: a loss of diversity shows as a
   lower entropy and a higher confidence.
 
+With ``--float-acts`` every quantized model runs with its activation quantizers removed
+(weights as stored, activations float), which separates what a weight plan does from
+what it does together with the activation quantizers.
+
 An error made at every step in the same direction accumulates over a trajectory, which a
 single-step measure (with or without a lookahead of float steps) cannot see; if a model
 that the single-step measures rate best drifts furthest here, that is the reason.
@@ -42,6 +46,15 @@ def _stats(feats: dict) -> dict:
             "histogram": hist.tolist()}
 
 
+def _without_act_quant(tree):
+    """The parameter tree without its activation quantizers (:class:`ActQuant` leaves)."""
+    from jaxquant.quant.activation import ActQuant
+
+    if isinstance(tree, dict):
+        return {k: _without_act_quant(v) for k, v in tree.items() if not isinstance(v, ActQuant)}
+    return tree
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ddpm-fmnist", help="the float model (name or directory)")
@@ -51,7 +64,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cfg-scale", type=float, default=1.0)
-    ap.add_argument("--json", action="store_true", help="write benchmarks/results/sample_drift_MODEL.json")
+    ap.add_argument("--float-acts", action="store_true", help="drop the quantized models' activation quantizers")
+    ap.add_argument("--json", action="store_true", help="write benchmarks/results/sample_drift_MODEL[_float_acts].json")
     args = ap.parse_args()
 
     import jaxquant
@@ -61,8 +75,10 @@ def main() -> None:
 
     net = get_feature_net("fmnist")
 
-    def run(path: str) -> tuple[np.ndarray, dict]:
+    def run(path: str, float_acts: bool = False) -> tuple[np.ndarray, dict]:
         model = jaxquant.load(path)
+        if float_acts:
+            model = jaxquant.Model(model.meta, _without_act_quant(model.params), model.path)
         t0 = time.perf_counter()
         imgs = generate(model, args.num, steps=args.steps, seed=args.seed, batch_size=args.batch,
                         labels=sample_labels(model, args.num), cfg_scale=args.cfg_scale, progress=False)
@@ -73,10 +89,10 @@ def main() -> None:
     fp = _stats(f_fp)
     pool_fp = np.asarray(f_fp["pool"], np.float64)
     result = {"model": args.model, "num": args.num, "steps": args.steps, "seed": args.seed,
-              "cfg_scale": args.cfg_scale, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
+              "cfg_scale": args.cfg_scale, "float_acts": args.float_acts, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
     rows = [("FP", 0.0, 0.0, 1.0, fp["entropy"], fp["confidence"])]
     for path in args.quantized:
-        x, f = run(path)
+        x, f = run(path, args.float_acts)
         s = _stats(f)
         pool = np.asarray(f["pool"], np.float64)
         r = {"pixel": float(np.sum((x - x_fp) ** 2) / np.sum(x_fp ** 2)),
@@ -90,7 +106,8 @@ def main() -> None:
     for name, px, ft, agree, ent, conf in rows:
         print(f"{name:50s} {px:8.4f} {ft:9.4f} {agree:10.3f} {ent:8.3f} {conf:10.3f}")
     if args.json:
-        print(f"wrote {write_result('sample_drift_' + args.model.rstrip('/').split('/')[-1], result)}")
+        name = "sample_drift_" + args.model.rstrip("/").split("/")[-1] + ("_float_acts" if args.float_acts else "")
+        print(f"wrote {write_result(name, result)}")
 
 
 if __name__ == "__main__":
