@@ -57,6 +57,14 @@ def time_interleaved(sides: dict[str, Callable[[], object]], repeats: int = 3) -
     return times
 
 
+def relative_sq_error(x, ref) -> float:
+    """``Σ‖x − ref‖² / Σ‖ref‖²`` (float64): how far ``x`` drifted from ``ref``."""
+    import numpy as np
+
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.sum((x - ref) ** 2) / np.sum(ref ** 2))
+
+
 def write_result(name: str, result: dict) -> Path:
     """Store a JSON result under benchmarks/results/ with today's date and the machine."""
     out = Path(__file__).resolve().parent / "results"

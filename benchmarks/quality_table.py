@@ -95,7 +95,7 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             "--out", str(out)]
     if cfg["method"] == "rd":
         # curves depend on neither the budget nor the distortion kind: one set per group count
-        # (and lookahead, which changes what is measured)
+        # (and lookahead, trajectory and features, which change what is measured)
         la, feat, traj = cfg.get("lookahead"), cfg.get("features"), cfg.get("trajectory")
         curves = (f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-traj" if traj else "")
                   + ("-feat" if feat else ""))

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import relative_sq_error, write_result
 
 
 def _stats(feats: dict) -> dict:
@@ -95,8 +95,7 @@ def main() -> None:
         x, f = run(path, args.float_acts)
         s = _stats(f)
         pool = np.asarray(f["pool"], np.float64)
-        r = {"pixel": float(np.sum((x - x_fp) ** 2) / np.sum(x_fp ** 2)),
-             "features": float(np.sum((pool - pool_fp) ** 2) / np.sum(pool_fp ** 2)),
+        r = {"pixel": relative_sq_error(x, x_fp), "features": relative_sq_error(pool, pool_fp),
              "class_agreement": float(np.mean(s["class"] == fp["class"])),
              "entropy": s["entropy"], "confidence": s["confidence"], "histogram": s["histogram"]}
         result["quantized"][path] = r

@@ -238,11 +238,12 @@ class RDProblem:
         self.groups = int(calib.config.groups)
         if config.lookahead is not None or config.trajectory:
             if calib.config.sampler != "ddim":
-                raise ConfigError(f"a lookahead follows the calibration's DDIM trajectory; this calibration "
-                                  f"used the {calib.config.sampler!r} sampler (calibrate with --sampler ddim)")
+                raise ConfigError(f"a lookahead or trajectory curves follow the calibration's DDIM trajectory; "
+                                  f"this calibration used the {calib.config.sampler!r} sampler "
+                                  "(calibrate with --sampler ddim)")
             if model.is_class_conditional and calib.config.cfg_scale != 1.0:
-                raise ConfigError("a lookahead with classifier-free guidance is not supported yet "
-                                  "(calibrate without guidance, or leave the lookahead off)")
+                raise ConfigError("a lookahead or trajectory curves with classifier-free guidance are not supported "
+                                  "yet (calibrate without guidance, or measure the network output)")
         self._features = None
         if config.features is not None:
             from jaxquant.eval.features import get_feature_net
@@ -387,7 +388,8 @@ class RDProblem:
         return out
 
     def output(self, params: Any, float_params: Any, x: jax.Array, t: jax.Array, y: jax.Array | None,
-               chain: tuple[jax.Array, jax.Array, jax.Array] | None, apply: Callable | None = None) -> jax.Array:
+               chain: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
+               apply: Callable | None = None) -> jax.Array:
         """What the distortion compares, traceable: ``apply(params, x, t, y)`` (the network
         output) without a lookahead; with one, ``x̂₀`` after the perturbed step and the
         ``k`` DDIM steps of ``apply(float_params, …)`` given by ``chain`` (:class:`RDInputs`),
