@@ -29,6 +29,8 @@ Configurations are short names:
                             lookahead 0 unless -laK; curves in rd-curves-g10-feat)
     rd-w4a4-g1-traj         ... distortion of the final sample of whole trajectories with the site
                             quantized at every step of its group (--rd-trajectory; rd-curves-g1-traj)
+    rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned
+                            (--rd-conditional-weights; in rd-curves-g10/given-acts-<digest>)
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
 rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
@@ -58,7 +60,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-ftN][-cuN][-sens|-count][-rminR] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond][-ftN][-cuN][-sens|-count][-rminR] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -79,6 +81,8 @@ def parse_config(name: str) -> dict:
             cfg["features"] = "fmnist"
         elif part == "traj" and m["method"] == "rd":
             cfg["trajectory"] = True
+        elif part == "cond" and m["method"] == "rd":
+            cfg["conditional_weights"] = True
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -106,6 +110,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             argv += ["--rd-features", feat]
         if traj:
             argv += ["--rd-trajectory"]
+        if cfg.get("conditional_weights"):
+            argv += ["--rd-conditional-weights"]
         if cfg.get("min_weight_bits"):
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("finetune_steps"):

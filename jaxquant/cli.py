@@ -457,7 +457,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     curves_dir = args.curves or report_dir
     result = quantize_model_rd(model, calib, args.w_bits, args.a_bits, weights=wcfg, acts=acfg, rules=rules,
                                config=ccfg, distortion=args.distortion, out_dir=report_dir, curves_dir=curves_dir,
-                               min_weight_bits=args.rd_min_w_bits, additivity_plans=args.rd_additivity,
+                               min_weight_bits=args.rd_min_w_bits, conditional_weights=args.rd_conditional_weights,
+                               additivity_plans=args.rd_additivity,
                                plots=not args.no_plots)
     plan = result.plan
     print(Path(result.files["report"]).read_text().rstrip())
@@ -468,7 +469,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits,
         "rd_lookahead": ccfg.lookahead, "rd_features": args.rd_features,
         "rd_feature_output": args.rd_feature_output if args.rd_features else None,
-        "rd_trajectory": args.rd_trajectory, "curves": str(curves_dir),
+        "rd_trajectory": args.rd_trajectory, "rd_conditional_weights": args.rd_conditional_weights,
+        "curves": str(curves_dir),
         "predicted_distortion": plan.predicted,
         "measured_distortion": result.measured,
         "additivity_r2": result.additivity.r2 if result.additivity is not None else None,
@@ -618,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the plan, report and plots always go to OUT.rd)")
     qz.add_argument("--rd-min-w-bits", type=int, default=None, metavar="B",
                     help="rd: no weight layer below B bits (default: any candidate width)")
+    qz.add_argument("--rd-conditional-weights", action="store_true",
+                    help="rd: plan the activations first, then measure the weight curves with the activations "
+                         "quantized as planned (in CURVES/given-acts-<digest>) and allocate the weights on those")
     qz.add_argument("--rd-additivity", type=int, default=16, metavar="N",
                     help="rd: random plans of the additivity check (0: skip)")
     qz.add_argument("--no-plots", action="store_true", help="rd: do not write PNG plots")

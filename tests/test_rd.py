@@ -264,7 +264,7 @@ def test_plan_meets_budgets_and_round_trips(setup, tmp_path):
     rep = storage_report(params)
     assert sum(r.bits for r in rep.quantized) == plan.weight_size
     # Per-group activation bits are stored (as "act" v2) and come back.
-    per_group = [k for k, v in plan.act_bits.items() if len(set(v)) > 1]
+    assert any(len(set(v)) > 1 for v in plan.act_bits.values())  # some site has per-group widths
     d = save_model_dir(tmp_path / "q", model.meta, params)
     manifest = json.loads((d / "config.json").read_text())["quantization"]["layers"]
     for site in problem.act_sites:
@@ -750,3 +750,88 @@ def test_curves_made_before_new_settings_keep_their_fingerprint(setup):
     *_, problem, _, _ = setup
     cfg = problem.fingerprint()["config"]
     assert "features" not in cfg and "trajectory" not in cfg and "lookahead" in cfg
+
+
+# --------------------------------------------------------------------------- weights given the activations
+
+
+def test_conditional_weight_curve_point_is_its_increase_over_the_planned_activations(setup):
+    """With an activation context, a weight curve point is what the weight adds to the
+    distortion of the activations quantized as planned, both measured through the
+    ordinary quantized forward pass."""
+    import dataclasses
+
+    model, calib, _, problem, curves, _ = setup
+    context = rd.allocate_activations(curves, 5)[0]
+    assert set(context) == {c.site.name for c in curves.of_kind("act")}
+    assert len({b for v in context.values() for b in v}) > 1  # a mixed-precision plan
+    cproblem = rd.RDProblem(model, calib, WCFG, ACFG, RULES, dataclasses.replace(CCFG, act_context=context))
+    assert [s.kind for s in cproblem.curve_sites] == ["weight"] * 10
+    assert cproblem.context == {k: tuple(v) for k, v in context.items()}
+    fp = cproblem.fingerprint()
+    assert fp["act_context"] == rd.context_digest(context) and fp != problem.fingerprint()
+    layer = "mid_block.resnets.0.conv1"
+    cc = rd.compute_curves(cproblem, only=[f"weight:{layer}"], progress=False).curves[f"weight:{layer}"]
+
+    def measured(weight_bits):
+        plan = rd.RDPlan("mse", weight_bits, context, False, 0, 0, [], 0, [])
+        return rd.measure_distortion(problem, rd.quantize_rd(problem, plan))
+
+    base = measured({})
+    np.testing.assert_allclose(rd._evaluator(cproblem).context_sums(), base, rtol=1e-4)
+    for b in (2, 3, 8):
+        j = cc.bits.index(b)
+        inc = measured({layer: b}) - base
+        np.testing.assert_allclose(cc.err2[:, j], inc[:, 0], rtol=2e-3, atol=1e-4 * base[:, 0].max())
+        np.testing.assert_allclose(cc.dssim[:, j], inc[:, 1], rtol=2e-3, atol=1e-4 * max(base[:, 1].max(), 1e-3))
+    alone = curves.curves[f"weight:{layer}"]
+    assert not np.allclose(cc.err2, alone.err2, rtol=1e-2)  # the activations change what the weight costs
+    with pytest.raises(ConfigError, match="not an activation site"):
+        rd.RDProblem(model, calib, WCFG, ACFG, RULES, dataclasses.replace(CCFG, act_context={"nope": (4, 4)}))
+    with pytest.raises(ConfigError, match="widths for 2"):
+        rd.RDProblem(model, calib, WCFG, ACFG, RULES,
+                     dataclasses.replace(CCFG, act_context={next(iter(context)): (4,)}))
+    with pytest.raises(ConfigError, match="activation quantizer settings"):
+        rd.RDProblem(model, calib, WCFG, None, RULES, dataclasses.replace(CCFG, act_context=context))
+
+
+def test_quantize_with_conditional_weights(setup, tmp_path):
+    """``conditional_weights``: the activation plan is the ordinary one; the weights are
+    allocated on curves measured given it (stored apart, resumable), and the prediction
+    is the plan's measured activation distortion plus the weights' increments."""
+    import dataclasses
+
+    model, calib, _, problem, curves, cdir = setup
+    work = tmp_path / "curves"
+    shutil.copytree(cdir, work)
+    res = rd.quantize_model_rd(model, calib, 4, 5, weights=WCFG, acts=ACFG, rules=RULES, config=CCFG,
+                               out_dir=tmp_path / "out", curves_dir=work, conditional_weights=True,
+                               additivity_plans=0, plots=False, progress=False)
+    plain = rd.allocate_plan(curves, 4, 5)
+    assert res.plan.act_bits == plain.act_bits and res.plan.weight_size <= res.plan.weight_budget
+    sub = work / f"given-acts-{rd.context_digest(plain.act_bits)}"
+    stored = rd.load_curves(sub)
+    assert len(stored.curves) == 10 and stored.settings["act_context"] == rd.context_digest(plain.act_bits)
+    assert rd.load_curves(work).settings == curves.settings  # the single-site curves are untouched
+    cproblem = rd.RDProblem(model, calib, WCFG, ACFG, RULES, dataclasses.replace(CCFG, act_context=plain.act_bits))
+    base = rd.group_distortion(curves, rd._evaluator(cproblem).context_sums())
+    np.testing.assert_allclose(res.plan.predicted, base + rd.predicted_distortion(res.curves, res.plan.weight_bits, {}),
+                               rtol=1e-6)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["weight_curves"] == str(sub)
+    assert "given the planned activations" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="quantized activations"):
+        rd.quantize_model_rd(model, calib, 4, None, weights=WCFG, rules=RULES, config=CCFG, curves_dir=work,
+                             conditional_weights=True, additivity_plans=0, plots=False, progress=False)
+
+
+def test_conditional_weights_from_the_cli_and_the_quality_table_names():
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args
+
+    args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--rd-conditional-weights"])
+    assert args.rd_conditional_weights
+    argv = quantize_args("m", parse_config("rd-w4a4-g10-cond"), Path("c"), Path("w/q"))
+    assert "--rd-conditional-weights" in argv and argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
+    with pytest.raises(SystemExit):
+        parse_config("uniform-w4a4-cond")

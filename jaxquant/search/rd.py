@@ -53,6 +53,17 @@ features FID is computed on; ``"logits"``: the class scores). This weighs an err
 it changes in the content the evaluation sees, rather than pixel by pixel. SSIM has no
 meaning on feature vectors: such curves give only ``"mse"``.
 
+Weights on top of the activations (``CurveConfig.act_context``): single-site weight
+curves measure each weight with the activations float, and miss how a coarse weight and
+coarse activations compound (BENCHMARKS.md: RD W4A4). With a context, every weight curve
+point is measured with the given activation sites quantized at the given widths (the
+activation plan; attention probabilities too when q, k and v all are) and stores the
+distortion the weight *adds* to that of the context alone (the context's own err² and
+1 − SSIM subtracted; a point may be slightly negative when errors cancel). The
+activation curves stay single-site: :func:`quantize_model_rd` with
+``conditional_weights`` plans the activations on them first, then measures the weight
+curves given that plan, then allocates the weights on those.
+
 Timestep groups: every curve has one row per group (the calibration's groups).
 Activation bits are chosen per group (their own budget each, stored as per-group bit
 widths in :class:`~jaxquant.quant.activation.ActQuant`); weights are shared by all
@@ -158,6 +169,10 @@ class CurveConfig:
         group's first step, the site quantized at all of the group's steps, the sample
         compared. Replaces ``lookahead`` (which must then be ``None``); needs a DDIM
         calibration without classifier-free guidance, as a lookahead does.
+      act_context: ``(activation site, bits per group)`` pairs (or a dict): measure the
+        weight curves with these activations quantized, each point the distortion the
+        weight adds to theirs (module docstring). A problem with a context has weight
+        curves only.
     """
 
     weight_bits: tuple[int, ...] = WEIGHT_BITS
@@ -170,6 +185,7 @@ class CurveConfig:
     features: str | None = None
     feature_output: str = "pool"
     trajectory: bool = False
+    act_context: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self):
         if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
@@ -187,6 +203,12 @@ class CurveConfig:
             raise ConfigError("trajectory curves run every input to the end of its trajectory; leave lookahead unset")
         if self.features is not None and self.lookahead is None and not self.trajectory:
             object.__setattr__(self, "lookahead", 0)  # features are taken of x̂₀
+        if self.act_context is not None:
+            ctx = dict(self.act_context)
+            if not ctx:
+                raise ConfigError("an activation context needs at least one activation site (or None)")
+            object.__setattr__(self, "act_context", tuple(sorted((str(k), tuple(int(b) for b in v))
+                                                                 for k, v in ctx.items())))
         object.__setattr__(self, "weight_bits", tuple(sorted(set(self.weight_bits))))
         object.__setattr__(self, "act_bits", tuple(sorted(set(self.act_bits))))
 
@@ -257,6 +279,8 @@ class RDProblem:
         if not self.layer_configs:
             raise ConfigError("the rules leave no layer to quantize")
         self.sites = self._find_sites()
+        if config.act_context is not None:
+            self._check_context(config.act_context)
         self.inputs = self._select_inputs()
         self._wq: dict[tuple[str, int], UniformWeight] = {}
         self._aq: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -274,7 +298,26 @@ class RDProblem:
 
     @property
     def curve_sites(self) -> list[Site]:
-        return [s for s in self.sites if s.kind in ("weight", "act")]
+        """Sites with a curve: weights and activations, or with an activation context
+        (:class:`CurveConfig`) the weights only."""
+        kinds = ("weight",) if self.config.act_context is not None else ("weight", "act")
+        return [s for s in self.sites if s.kind in kinds]
+
+    @property
+    def context(self) -> dict[str, tuple[int, ...]] | None:
+        """The activation context of the weight curves (site → bits per group), or ``None``."""
+        return None if self.config.act_context is None else dict(self.config.act_context)
+
+    def _check_context(self, ctx) -> None:
+        if self.acts is None:
+            raise ConfigError("weight curves given quantized activations need activation quantizer settings (acts)")
+        names = {s.name for s in self.sites if s.kind == "act"}
+        for name, bits in ctx:
+            if name not in names:
+                raise ConfigError(f"activation context: {name!r} is not an activation site of this problem")
+            if len(bits) != self.groups:
+                raise ConfigError(f"activation context: {name!r} has {len(bits)} widths for {self.groups} "
+                                  "timestep group(s)")
 
     def site(self, key: str) -> Site:
         for s in self.sites:
@@ -482,21 +525,31 @@ class RDProblem:
             if s.kind != "weight":
                 h.update(np.ascontiguousarray(self.calib.samples[s.name], np.float32).tobytes())
         extra = {} if self.config.features is None else {"features": f"{self.config.features}:{self.config.feature_output}"}
+        config = {k: v for k, v in dataclasses.asdict(self.config).items()
+                  if k != "batch_size" and _LATER_DEFAULTS.get(k, _NO) != v}
+        if self.config.act_context is not None:
+            config["act_context"] = context_digest(self.config.act_context)
+            extra["act_context"] = config["act_context"]
         return {
             **extra,
             "params_and_inputs_sha256": h.hexdigest(),
             "groups": self.groups,
             "layers": {n: _form(c) for n, c in self.layer_configs.items()},
             "acts": _form(self.acts),
-            "config": repr({k: v for k, v in dataclasses.asdict(self.config).items()
-                            if k != "batch_size" and _LATER_DEFAULTS.get(k, _NO) != v}),
+            "config": repr(config),
         }
 
 
 #: Curve settings added after curves were first stored, at their defaults: left out of the
 #: fingerprint, so curves made before them still resume and are reused.
-_LATER_DEFAULTS = {"features": None, "feature_output": "pool", "trajectory": False}
+_LATER_DEFAULTS = {"features": None, "feature_output": "pool", "trajectory": False, "act_context": None}
 _NO = object()
+
+
+def context_digest(context: Sequence[tuple[str, Sequence[int]]] | dict[str, Sequence[int]]) -> str:
+    """A short, order-free name of an activation context (sites and their widths)."""
+    items = sorted((str(k), [int(b) for b in v]) for k, v in dict(context).items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def _take(arrays: Sequence[Any], idx: np.ndarray) -> tuple:
@@ -695,6 +748,16 @@ class _Evaluator:
                 return stats(p, params, x, t, y, chain, ref)
             return jax.vmap(one)(rows)
 
+        def weight_ctx_fn(params, idx, rows, scale, zero, qmax, on, x, t, y, chain, ref):
+            # the context's quantizers are the same for every candidate: built outside the vmap
+            base = _with_probes(params, self.asites,
+                                lambda i, s, _: _ActProbe(scale[i], zero[i], qmax[i], on[i], s.split))
+
+            def one(row):
+                p = _with_probes(base, self.wsites, lambda i, s, k: _KernelProbe(k, row, idx == i))
+                return stats(p, params, x, t, y, chain, ref)
+            return jax.vmap(one)(rows)
+
         def act_fn(params, idx, scale, zero, qmax, x, t, y, chain, ref):
             def one(scale, zero, qmax):
                 p = _with_probes(params, self.asites, lambda i, s, _: _ActProbe(scale, zero, qmax, idx == i, s.split))
@@ -707,6 +770,8 @@ class _Evaluator:
             return stats(p, params, x, t, y, chain, ref)
 
         self.weight_fn = xla.jit(weight_fn)
+        self.weight_ctx_fn = xla.jit(weight_ctx_fn)
+        self._context_sums: np.ndarray | None = None
         self.act_fn = xla.jit(act_fn)
         self.joint_fn = xla.jit(joint_fn)
 
@@ -745,15 +810,33 @@ class _Evaluator:
             acc[gi] += stats[:, :valid][:, g == gi].sum(axis=1)
 
     def weight_site(self, i: int, rows: np.ndarray) -> np.ndarray:
-        """``[G, V, 2]`` group sums of (err², 1−SSIM) for candidate kernels ``rows [V, max_size]``."""
+        """``[G, V, 2]`` group sums of (err², 1−SSIM) for candidate kernels ``rows [V, max_size]``;
+        with an activation context, what each adds to the context's own sums."""
         v = len(rows)
         (rows_d,) = self._put_candidates(rows)
         acc = np.zeros((self.p.groups, v, 2))
+        ctx = self.p.context
+        tables = None if ctx is None else self._act_tables(ctx)
         for idx, valid in self._chunks():
             x, t, y, chain, ref = self._batch(idx)
-            st = np.asarray(self.weight_fn(self.p.model.params, jnp.int32(i), rows_d, x, t, y, chain, ref))[:v]
-            self._group_sums(st, idx, valid, acc)
+            if tables is None:
+                st = self.weight_fn(self.p.model.params, jnp.int32(i), rows_d, x, t, y, chain, ref)
+            else:
+                g = self.p.inputs.group[idx]
+                scale, zero, qm, on = tables
+                st = self.weight_ctx_fn(self.p.model.params, jnp.int32(i), rows_d, jnp.asarray(scale[:, g]),
+                                        jnp.asarray(zero[:, g]), jnp.asarray(qm[:, g]), jnp.asarray(on),
+                                        x, t, y, chain, ref)
+            self._group_sums(np.asarray(st)[:v], idx, valid, acc)
+        if ctx is not None:
+            acc -= self.context_sums()[:, None, :]
         return acc
+
+    def context_sums(self) -> np.ndarray:
+        """``[G, 2]`` group sums of the activation context alone, all weights float (cached)."""
+        if self._context_sums is None:
+            self._context_sums = self.joint({}, self.p.context)
+        return self._context_sums
 
     def act_site(self, i: int, tables: tuple[np.ndarray, np.ndarray], bits: Sequence[int]) -> np.ndarray:
         """Like :meth:`weight_site` for activation site ``i``: ``tables`` are
@@ -782,6 +865,21 @@ class _Evaluator:
         p = self.p
         kernels = [dispatch.materialize(p.weight_quant(s.name, int(weight_bits[s.name])))
                    if s.name in weight_bits else jnp.asarray(p._kernels[s.name]) for s in self.wsites]
+        scale, zero, qm, on = self._act_tables(act_bits)
+        acc = np.zeros((p.groups, 1, 2))
+        for idx, valid in self._chunks():
+            g = p.inputs.group[idx]
+            x, t, y, chain, ref = self._batch(idx)
+            st = self.joint_fn(p.model.params, kernels, jnp.asarray(scale[:, g]), jnp.asarray(zero[:, g]),
+                               jnp.asarray(qm[:, g]), jnp.asarray(on), x, t, y, chain, ref)
+            self._group_sums(np.asarray(st)[None], idx, valid, acc)
+        return acc[:, 0]
+
+    def _act_tables(self, act_bits: dict[str, Sequence[int]]) -> tuple[np.ndarray, ...]:
+        """``(scale [S, G, 2], zero [S, G, 2], qmax [S, G], on [S])`` over :attr:`asites` of a
+        plan's activation widths (``act_bits``: site → bits per group; probabilities of the
+        attentions whose q, k, v are all planned at :meth:`RDProblem.probs_bits`)."""
+        p = self.p
         na = len(self.asites)
         tabs = np.ones((na, p.groups, 2), np.float32), np.zeros((na, p.groups, 2), np.float32)
         qm = np.ones((na, p.groups), np.float32)
@@ -801,14 +899,7 @@ class _Evaluator:
             for g, b in enumerate(bits):
                 tabs[0][i, g], tabs[1][i, g] = p.act_params(s, g, b)
                 qm[i, g] = 2.0 ** b - 1
-        acc = np.zeros((p.groups, 1, 2))
-        for idx, valid in self._chunks():
-            g = p.inputs.group[idx]
-            x, t, y, chain, ref = self._batch(idx)
-            st = self.joint_fn(p.model.params, kernels, jnp.asarray(tabs[0][:, g]), jnp.asarray(tabs[1][:, g]),
-                               jnp.asarray(qm[:, g]), jnp.asarray(on), x, t, y, chain, ref)
-            self._group_sums(np.asarray(st)[None], idx, valid, acc)
-        return acc[:, 0]
+        return tabs[0], tabs[1], qm, on
 
 
 def _evaluator(problem: RDProblem) -> _Evaluator:
@@ -1084,7 +1175,8 @@ class RDPlan:
       per_group_weights: whether weights are chosen per group.
       weight_size / weight_budget: total weight storage (bits) and its budget.
       act_size / act_budget: per group, activation size (values × bits) and budget.
-      predicted: per group, the sum of the chosen curve points (eq. 5).
+      predicted: per group, the sum of the chosen curve points (eq. 5); with weight curves
+        given the activation plan, that plan's measured distortion plus the weights' increments.
       min_weight_bits: no weight layer was given fewer bits (``None``: no floor).
     """
 
@@ -1157,10 +1249,26 @@ def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distort
         weight_bits = {c.site.name: int(c.bits[j]) for c, j in zip(wc, choice)}
         for c, j in zip(wc, choice):
             predicted += dist[c.site.key][:, j]
+    act_bits, act_size, budget_a, act_predicted = allocate_activations(curves, a_bits, distortion)
+    return RDPlan(distortion, weight_bits, act_bits, per_group_weights, alloc.size, budget_w, act_size, budget_a,
+                  (predicted + act_predicted).tolist(), min_weight_bits)
+
+
+def allocate_activations(curves: RDCurves, a_bits: float | None, distortion: str = "mse"
+                         ) -> tuple[dict[str, tuple[int, ...]], list[float], float, np.ndarray]:
+    """The activation half of :func:`allocate_plan`: per timestep group, budget
+    ``a_bits × Σ values`` on that group's activation curves.
+
+    Returns:
+      ``(bits per group of each site, size per group, budget, [G] predicted distortion)``;
+      no sites (``{}``) when ``a_bits`` is ``None`` or the curves have no activation.
+    """
+    G = curves.groups
     ac = curves.of_kind("act")
     act_bits: dict[str, list[int]] = {c.site.name: [] for c in ac}
-    act_size, budget_a = [], 0.0
+    act_size, budget_a, predicted = [], 0.0, np.zeros(G)
     if a_bits is not None and ac:
+        dist = {c.site.key: curves.distortion(c.site.key, distortion) for c in ac}
         budget_a = float(a_bits) * sum(c.site.numel for c in ac)
         for g in range(G):
             a = allocate([(c.sizes, dist[c.site.key][g]) for c in ac], budget_a)
@@ -1168,8 +1276,7 @@ def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distort
             for c, j in zip(ac, a.choice):
                 act_bits[c.site.name].append(int(c.bits[j]))
                 predicted[g] += dist[c.site.key][g, j]
-    return RDPlan(distortion, weight_bits, {k: tuple(v) for k, v in act_bits.items() if v}, per_group_weights,
-                  alloc.size, budget_w, act_size, budget_a, predicted.tolist(), min_weight_bits)
+    return {k: tuple(v) for k, v in act_bits.items() if v}, act_size, budget_a, predicted
 
 
 # --------------------------------------------------------------------------- quantized models and checks
@@ -1335,7 +1442,8 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
                       rules: Sequence[Rule] | None = None, config: CurveConfig = CurveConfig(),
                       distortion: str = "mse", out_dir: str | os.PathLike | None = None,
                       curves_dir: str | os.PathLike | None = None, min_weight_bits: int | None = None,
-                      additivity_plans: int = 16, plots: bool = True, progress: bool = True) -> RDResult:
+                      conditional_weights: bool = False, additivity_plans: int = 16, plots: bool = True,
+                      progress: bool = True) -> RDResult:
     """Rate–distortion mixed precision end to end: curves → plan → quantized params.
 
     Args:
@@ -1349,14 +1457,43 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
       curves_dir: where the curves are kept (resumable); curves do not depend on the
         budget or the distortion kind, so several plans can share one directory.
       min_weight_bits: no weight layer below this width (:func:`allocate_plan`).
-      additivity_plans: random plans of the additivity check (0: skip it).
+      conditional_weights: plan the activations first (on their single-site curves),
+        then measure the weight curves with the activations quantized as planned
+        (:class:`CurveConfig` ``act_context``; kept in ``given-acts-<digest>`` under the
+        curves directory) and allocate the weights on those. The plan's predicted
+        distortion is then the activation plan's measured distortion plus the weights'
+        increments. Needs ``a_bits``.
+      additivity_plans: random plans of the additivity check (0: skip it; with
+        ``conditional_weights`` its weight points are those given the planned activations).
       plots: write PNG plots to ``out_dir``.
     """
     if a_bits is not None and acts is None:
         acts = ActQuantConfig(bits=int(round(min(max(a_bits, 4), 8))))
     problem = RDProblem(model, calib, weights, acts if a_bits is not None else None, rules, config)
-    curves = compute_curves(problem, curves_dir if curves_dir is not None else out_dir, progress=progress)
-    plan = allocate_plan(curves, w_bits, a_bits, distortion, min_weight_bits=min_weight_bits)
+    cdir = curves_dir if curves_dir is not None else out_dir
+    context_dir = None
+    if not conditional_weights:
+        curves = compute_curves(problem, cdir, progress=progress)
+        plan = allocate_plan(curves, w_bits, a_bits, distortion, min_weight_bits=min_weight_bits)
+    else:
+        if a_bits is None or problem.acts is None:
+            raise ConfigError("weight curves given the planned activations need quantized activations (a_bits)")
+        if config.act_context is not None:
+            raise ConfigError("conditional_weights makes the activation context itself; leave act_context unset")
+        act_curves = compute_curves(problem, cdir, progress=progress,
+                                    only=[s.key for s in problem.curve_sites if s.kind == "act"])
+        context = allocate_activations(act_curves, a_bits, distortion)[0]
+        wproblem = RDProblem(model, calib, weights, acts, rules, dataclasses.replace(config, act_context=context))
+        context_dir = None if cdir is None else Path(cdir) / f"given-acts-{context_digest(context)}"
+        wcurves = compute_curves(wproblem, context_dir, progress=progress)
+        curves = RDCurves({**wcurves.curves, **act_curves.curves}, act_curves.ref2, act_curves.count,
+                          {**act_curves.settings, "weight_curves": wcurves.settings})
+        plan = allocate_plan(curves, w_bits, a_bits, distortion, min_weight_bits=min_weight_bits)
+        if plan.act_bits != context:
+            raise AssertionError("the activation plan changed between the two allocations")
+        base = group_distortion(curves, _evaluator(wproblem).context_sums(), distortion)
+        plan = dataclasses.replace(plan, predicted=(base + predicted_distortion(curves, plan.weight_bits, {},
+                                                                                distortion)).tolist())
     params = quantize_rd(problem, plan)
     measured = group_distortion(curves, measure_distortion(problem, params), distortion)
     add = additivity_check(problem, curves, additivity_plans, distortion, progress=progress) \
@@ -1368,7 +1505,8 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
         files["plan"] = str(out / "plan.json")
         _save_json(out / "plan.json", plan.to_json())
         report = {"distortion": distortion, "w_bits": w_bits, "a_bits": a_bits, "groups": curves.groups,
-                  "min_weight_bits": min_weight_bits,
+                  "min_weight_bits": min_weight_bits, "conditional_weights": conditional_weights,
+                  "weight_curves": None if context_dir is None else str(context_dir),
                   "predicted": plan.predicted, "measured": measured.tolist(),
                   "weight_size_bits": plan.weight_size, "weight_budget_bits": plan.weight_budget,
                   "act_size": plan.act_size, "act_budget": plan.act_budget,
@@ -1404,12 +1542,16 @@ def format_report(report: dict) -> str:
     lines = [f"# Rate–distortion mixed precision ({report['distortion']})", "",
              f"- target: W{report['w_bits']} A{report['a_bits'] if report['a_bits'] is not None else '-float'} "
              f"average bits, {report['groups']} timestep group(s)"
-             + (f", no weight layer below {report['min_weight_bits']} bits" if report.get("min_weight_bits") else ""),
+             + (f", no weight layer below {report['min_weight_bits']} bits" if report.get("min_weight_bits") else "")
+             + (", weight curves measured given the planned activations" if report.get("conditional_weights")
+                else ""),
              f"- weight storage: {report['weight_size_bits']:.0f} of {report['weight_budget_bits']:.0f} bits allowed"]
     if report["act_size"]:
         used = ", ".join(f"{s / max(report['act_budget'], 1):.3f}" for s in report["act_size"])
         lines.append(f"- activation size / budget per group: {used}")
-    lines.append("- distortion per group, predicted (sum of single-site curves) vs measured (quantized model):")
+    how = ("the activation plan's measured distortion plus the weight curves' increments"
+           if report.get("conditional_weights") else "sum of single-site curves")
+    lines.append(f"- distortion per group, predicted ({how}) vs measured (quantized model):")
     for g, (p, m) in enumerate(zip(report["predicted"], report["measured"])):
         lines.append(f"  - group {g}: predicted {p:.4g}, measured {m:.4g}")
     add = report.get("additivity")
