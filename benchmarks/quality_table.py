@@ -29,8 +29,10 @@ Configurations are short names:
                             lookahead 0 unless -laK; curves in rd-curves-g10-feat)
     rd-w4a4-g1-traj         ... distortion of the final sample of whole trajectories with the site
                             quantized at every step of its group (--rd-trajectory; rd-curves-g1-traj)
-    rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned
-                            (--rd-conditional-weights; in rd-curves-g10/given-acts-<digest>)
+    rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
+                            each point the increase over their distortion (--rd-conditional-weights;
+                            in rd-curves-g10/given-acts-<digest>); -condctx: each point the error
+                            against the output with those activations (--rd-conditional-weights context)
 
 Every finished configuration is stored in the JSON result (``--out``) and skipped on a
 rerun; samples, calibrations and quantized models are kept under ``--work``, so a killed
@@ -60,7 +62,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond][-ftN][-cuN][-sens|-count][-rminR] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -81,8 +83,8 @@ def parse_config(name: str) -> dict:
             cfg["features"] = "fmnist"
         elif part == "traj" and m["method"] == "rd":
             cfg["trajectory"] = True
-        elif part == "cond" and m["method"] == "rd":
-            cfg["conditional_weights"] = True
+        elif part in ("cond", "condctx") and m["method"] == "rd":
+            cfg["conditional_weights"] = "float" if part == "cond" else "context"
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part in ("ssim", "mse+ssim"):
@@ -111,7 +113,7 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         if traj:
             argv += ["--rd-trajectory"]
         if cfg.get("conditional_weights"):
-            argv += ["--rd-conditional-weights"]
+            argv += ["--rd-conditional-weights", cfg["conditional_weights"]]
         if cfg.get("min_weight_bits"):
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("finetune_steps"):

@@ -440,9 +440,11 @@ def _rd_configs(args: argparse.Namespace, a_bits):
     acfg = None if a_bits is None else ActQuantConfig(bits=min(max(int(round(a_bits)), 4), 8), method=args.act_method,
                                                       softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
+    reference = getattr(args, "rd_conditional_weights", None) or "float"
     return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed,
                                           lookahead=args.rd_lookahead, features=args.rd_features,
-                                          feature_output=args.rd_feature_output, trajectory=args.rd_trajectory)
+                                          feature_output=args.rd_feature_output, trajectory=args.rd_trajectory,
+                                          context_reference=reference)
 
 
 def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
@@ -457,7 +459,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     curves_dir = args.curves or report_dir
     result = quantize_model_rd(model, calib, args.w_bits, args.a_bits, weights=wcfg, acts=acfg, rules=rules,
                                config=ccfg, distortion=args.distortion, out_dir=report_dir, curves_dir=curves_dir,
-                               min_weight_bits=args.rd_min_w_bits, conditional_weights=args.rd_conditional_weights,
+                               min_weight_bits=args.rd_min_w_bits,
+                               conditional_weights=args.rd_conditional_weights is not None,
                                additivity_plans=args.rd_additivity,
                                plots=not args.no_plots)
     plan = result.plan
@@ -620,9 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "the plan, report and plots always go to OUT.rd)")
     qz.add_argument("--rd-min-w-bits", type=int, default=None, metavar="B",
                     help="rd: no weight layer below B bits (default: any candidate width)")
-    qz.add_argument("--rd-conditional-weights", action="store_true",
+    qz.add_argument("--rd-conditional-weights", nargs="?", const="float", default=None, choices=["float", "context"],
                     help="rd: plan the activations first, then measure the weight curves with the activations "
-                         "quantized as planned (in CURVES/given-acts-<digest>) and allocate the weights on those")
+                         "quantized as planned (in CURVES/given-acts-<digest>) and allocate the weights on those; "
+                         "each weight point is its increase over the planned activations' distortion (float, the "
+                         "default) or its error against the output with those activations and float weights "
+                         "(context)")
     qz.add_argument("--rd-additivity", type=int, default=16, metavar="N",
                     help="rd: random plans of the additivity check (0: skip)")
     qz.add_argument("--no-plots", action="store_true", help="rd: do not write PNG plots")

@@ -750,6 +750,7 @@ def test_curves_made_before_new_settings_keep_their_fingerprint(setup):
     *_, problem, _, _ = setup
     cfg = problem.fingerprint()["config"]
     assert "features" not in cfg and "trajectory" not in cfg and "lookahead" in cfg
+    assert "act_context" not in cfg and "context_reference" not in cfg
 
 
 # --------------------------------------------------------------------------- weights given the activations
@@ -786,6 +787,25 @@ def test_conditional_weight_curve_point_is_its_increase_over_the_planned_activat
         np.testing.assert_allclose(cc.dssim[:, j], inc[:, 1], rtol=2e-3, atol=1e-4 * max(base[:, 1].max(), 1e-3))
     alone = curves.curves[f"weight:{layer}"]
     assert not np.allclose(cc.err2, alone.err2, rtol=1e-2)  # the activations change what the weight costs
+    # Against the context's own output: the weight's error on the quantized activations' inputs.
+    vs = rd.RDProblem(model, calib, WCFG, ACFG, RULES,
+                      dataclasses.replace(CCFG, act_context=context, context_reference="context"))
+    assert vs.fingerprint() != fp
+    cv = rd.compute_curves(vs, only=[f"weight:{layer}"], progress=False).curves[f"weight:{layer}"]
+    fwd = jax.jit(lambda p, g, x, t: model.module.apply({"params": at_timestep_group(p, g)}, x, t, None))
+    ctx_params = rd.quantize_rd(problem, rd.RDPlan("mse", {}, context, False, 0, 0, [], 0, []))
+    inp = problem.inputs
+    for b in (2, 8):
+        both = rd.quantize_rd(problem, rd.RDPlan("mse", {layer: b}, context, False, 0, 0, [], 0, []))
+        err2 = np.zeros(2)
+        for g in range(2):
+            j = np.flatnonzero(inp.group == g)
+            x, t = jnp.asarray(inp.x[j]), jnp.asarray(inp.t[j])
+            err2[g] = float(np.sum(np.square(np.asarray(fwd(both, g, x, t)) - np.asarray(fwd(ctx_params, g, x, t)))))
+        np.testing.assert_allclose(cv.err2[:, cv.bits.index(b)], err2, rtol=2e-3, atol=1e-6 * base[:, 0].max())
+    assert np.all(cv.err2 >= 0) and np.all(np.diff(cv.err2.sum(0)[:3]) < 0)
+    with pytest.raises(ConfigError, match="context_reference"):
+        rd.CurveConfig(context_reference="fp")
     with pytest.raises(ConfigError, match="not an activation site"):
         rd.RDProblem(model, calib, WCFG, ACFG, RULES, dataclasses.replace(CCFG, act_context={"nope": (4, 4)}))
     with pytest.raises(ConfigError, match="widths for 2"):
@@ -829,9 +849,12 @@ def test_conditional_weights_from_the_cli_and_the_quality_table_names():
 
     from benchmarks.quality_table import parse_config, quantize_args
 
-    args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--rd-conditional-weights"])
-    assert args.rd_conditional_weights
-    argv = quantize_args("m", parse_config("rd-w4a4-g10-cond"), Path("c"), Path("w/q"))
-    assert "--rd-conditional-weights" in argv and argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
+    for extra, ref in (([], "float"), (["context"], "context")):
+        args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--rd-conditional-weights", *extra])
+        assert args.rd_conditional_weights == ref and cli._rd_configs(args, 4)[3].context_reference == ref
+    for name, ref in (("rd-w4a4-g10-cond", "float"), ("rd-w4a4-g10-condctx", "context")):
+        argv = quantize_args("m", parse_config(name), Path("c"), Path("w/q"))
+        assert argv[argv.index("--rd-conditional-weights") + 1] == ref
+        assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
     with pytest.raises(SystemExit):
         parse_config("uniform-w4a4-cond")

@@ -59,7 +59,10 @@ coarse activations compound (BENCHMARKS.md: RD W4A4). With a context, every weig
 point is measured with the given activation sites quantized at the given widths (the
 activation plan; attention probabilities too when q, k and v all are) and stores the
 distortion the weight *adds* to that of the context alone (the context's own err² and
-1 − SSIM subtracted; a point may be slightly negative when errors cancel). The
+1 − SSIM subtracted; a point may be negative when errors cancel), or — with
+``context_reference="context"`` — the weight's error against the output of the network
+with the context's activations and float weights (never negative; the cross term of the
+two errors left out, as additivity leaves it out between any two sites). The
 activation curves stay single-site: :func:`quantize_model_rd` with
 ``conditional_weights`` plans the activations on them first, then measures the weight
 curves given that plan, then allocates the weights on those.
@@ -170,9 +173,13 @@ class CurveConfig:
         compared. Replaces ``lookahead`` (which must then be ``None``); needs a DDIM
         calibration without classifier-free guidance, as a lookahead does.
       act_context: ``(activation site, bits per group)`` pairs (or a dict): measure the
-        weight curves with these activations quantized, each point the distortion the
-        weight adds to theirs (module docstring). A problem with a context has weight
-        curves only.
+        weight curves with these activations quantized (module docstring). A problem with
+        a context has weight curves only.
+      context_reference: with ``act_context``, what a weight point is measured against:
+        ``"float"``, the float network's output, less the context's own distortion (the
+        increase the weight causes); ``"context"``, the output of the network with the
+        context's activations and float weights (the weight's own error, on the inputs
+        the quantized activations give it).
     """
 
     weight_bits: tuple[int, ...] = WEIGHT_BITS
@@ -186,6 +193,7 @@ class CurveConfig:
     feature_output: str = "pool"
     trajectory: bool = False
     act_context: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    context_reference: str = "float"
 
     def __post_init__(self):
         if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
@@ -203,6 +211,8 @@ class CurveConfig:
             raise ConfigError("trajectory curves run every input to the end of its trajectory; leave lookahead unset")
         if self.features is not None and self.lookahead is None and not self.trajectory:
             object.__setattr__(self, "lookahead", 0)  # features are taken of x̂₀
+        if self.context_reference not in ("float", "context"):
+            raise ConfigError(f"context_reference must be 'float' or 'context', got {self.context_reference!r}")
         if self.act_context is not None:
             ctx = dict(self.act_context)
             if not ctx:
@@ -527,7 +537,9 @@ class RDProblem:
         extra = {} if self.config.features is None else {"features": f"{self.config.features}:{self.config.feature_output}"}
         config = {k: v for k, v in dataclasses.asdict(self.config).items()
                   if k != "batch_size" and _LATER_DEFAULTS.get(k, _NO) != v}
-        if self.config.act_context is not None:
+        if self.config.act_context is None:
+            config.pop("context_reference", None)  # means nothing without a context
+        else:
             config["act_context"] = context_digest(self.config.act_context)
             extra["act_context"] = config["act_context"]
         return {
@@ -542,7 +554,8 @@ class RDProblem:
 
 #: Curve settings added after curves were first stored, at their defaults: left out of the
 #: fingerprint, so curves made before them still resume and are reused.
-_LATER_DEFAULTS = {"features": None, "feature_output": "pool", "trajectory": False, "act_context": None}
+_LATER_DEFAULTS = {"features": None, "feature_output": "pool", "trajectory": False, "act_context": None,
+                   "context_reference": "float"}
 _NO = object()
 
 
@@ -752,6 +765,8 @@ class _Evaluator:
             # the context's quantizers are the same for every candidate: built outside the vmap
             base = _with_probes(params, self.asites,
                                 lambda i, s, _: _ActProbe(scale[i], zero[i], qmax[i], on[i], s.split))
+            if problem.config.context_reference == "context":
+                ref = problem.output(base, params, x, t, y, chain)
 
             def one(row):
                 p = _with_probes(base, self.wsites, lambda i, s, k: _KernelProbe(k, row, idx == i))
@@ -828,7 +843,7 @@ class _Evaluator:
                                         jnp.asarray(zero[:, g]), jnp.asarray(qm[:, g]), jnp.asarray(on),
                                         x, t, y, chain, ref)
             self._group_sums(np.asarray(st)[:v], idx, valid, acc)
-        if ctx is not None:
+        if ctx is not None and self.p.config.context_reference == "float":
             acc -= self.context_sums()[:, None, :]
         return acc
 
@@ -1459,8 +1474,9 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
       min_weight_bits: no weight layer below this width (:func:`allocate_plan`).
       conditional_weights: plan the activations first (on their single-site curves),
         then measure the weight curves with the activations quantized as planned
-        (:class:`CurveConfig` ``act_context``; kept in ``given-acts-<digest>`` under the
-        curves directory) and allocate the weights on those. The plan's predicted
+        (:class:`CurveConfig` ``act_context``, against ``config.context_reference``;
+        kept in ``given-acts-<digest>[-vs-context]`` under the curves directory) and
+        allocate the weights on those. The plan's predicted
         distortion is then the activation plan's measured distortion plus the weights'
         increments. Needs ``a_bits``.
       additivity_plans: random plans of the additivity check (0: skip it; with
@@ -1484,7 +1500,8 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
                                     only=[s.key for s in problem.curve_sites if s.kind == "act"])
         context = allocate_activations(act_curves, a_bits, distortion)[0]
         wproblem = RDProblem(model, calib, weights, acts, rules, dataclasses.replace(config, act_context=context))
-        context_dir = None if cdir is None else Path(cdir) / f"given-acts-{context_digest(context)}"
+        vs = "" if config.context_reference == "float" else f"-vs-{config.context_reference}"
+        context_dir = None if cdir is None else Path(cdir) / f"given-acts-{context_digest(context)}{vs}"
         wcurves = compute_curves(wproblem, context_dir, progress=progress)
         curves = RDCurves({**wcurves.curves, **act_curves.curves}, act_curves.ref2, act_curves.count,
                           {**act_curves.settings, "weight_curves": wcurves.settings})
