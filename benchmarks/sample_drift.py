@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cfg-scale", type=float, default=1.0)
     ap.add_argument("--float-acts", action="store_true", help="drop the quantized models' activation quantizers")
-    ap.add_argument("--json", action="store_true", help="write benchmarks/results/sample_drift_MODEL[_float_acts].json")
+    ap.add_argument("--json", action="store_true",
+                    help="write benchmarks/results/sample_drift_MODEL[_float_acts][_TAG].json")
+    ap.add_argument("--tag", default=None, help="suffix of the JSON result's name (keeps earlier results)")
     args = ap.parse_args()
 
     import jaxquant
@@ -106,6 +108,7 @@ def main() -> None:
         print(f"{name:50s} {px:8.4f} {ft:9.4f} {agree:10.3f} {ent:8.3f} {conf:10.3f}")
     if args.json:
         name = "sample_drift_" + args.model.rstrip("/").split("/")[-1] + ("_float_acts" if args.float_acts else "")
+        name += f"_{args.tag}" if args.tag else ""
         print(f"wrote {write_result(name, result)}")
 
 
