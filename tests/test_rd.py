@@ -858,3 +858,22 @@ def test_conditional_weights_from_the_cli_and_the_quality_table_names():
         assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
     with pytest.raises(SystemExit):
         parse_config("uniform-w4a4-cond")
+
+
+def test_conditional_curves_benchmark_compares_like_with_like(setup):
+    """benchmarks/rd_conditional_curves: sums per width over the shared weight sites and the
+    share of negative conditional points."""
+    import copy
+
+    from benchmarks.rd_conditional_curves import compare
+
+    *_, curves, _ = setup
+    given = copy.deepcopy(curves)
+    key = next(iter(c.site.key for c in given.of_kind("weight")))
+    given.curves[key].err2 = given.curves[key].err2 - 2 * given.curves[key].err2.max()  # all below zero
+    r = compare(curves, given)
+    alone = np.sum([curves.distortion(c.site.key).sum(axis=0) for c in curves.of_kind("weight")], axis=0)
+    np.testing.assert_allclose(r["alone_sum"], alone)
+    assert r["sites"] == 10 and r["given_negative_share"] == [0.1] * len(r["bits"])
+    np.testing.assert_allclose(np.asarray(r["alone_sum"]) - r["given_sum"],
+                               2 * curves.curves[key].err2.max() * (1 / curves.ref2).sum())
