@@ -85,6 +85,7 @@ Finished curves are written to ``OUT/curves.json`` after each site; a rerun skip
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -317,6 +318,19 @@ class RDProblem:
     def context(self) -> dict[str, tuple[int, ...]] | None:
         """The activation context of the weight curves (site → bits per group), or ``None``."""
         return None if self.config.act_context is None else dict(self.config.act_context)
+
+    def given_activations(self, context: dict[str, Sequence[int]], reference: str | None = None) -> "RDProblem":
+        """This problem with its weight curves measured given ``context`` (activation site →
+        bits per group; :class:`CurveConfig` ``act_context``), against ``reference``
+        (default: this config's ``context_reference``). Shares the sites, the inputs and
+        their float outputs, and the quantizer caches; has its own evaluator."""
+        cfg = dataclasses.replace(self.config, act_context=context,
+                                  context_reference=reference or self.config.context_reference)
+        self._check_context(cfg.act_context)
+        other = copy.copy(self)
+        other.config = cfg
+        other.__dict__.pop("_evaluator", None)
+        return other
 
     def _check_context(self, ctx) -> None:
         if self.acts is None:
@@ -1241,7 +1255,7 @@ def allocate_plan(curves: RDCurves, w_bits: float, a_bits: float | None, distort
         raise ConfigError(f"unknown distortion {distortion!r}; choose one of {', '.join(DISTORTIONS)}")
     G = curves.groups
     wc = curves.of_kind("weight")
-    dist = {k: curves.distortion(k, distortion) for k in curves.curves}
+    dist = {c.site.key: curves.distortion(c.site.key, distortion) for c in wc}
     budget_w = weight_budget(curves, w_bits)
     if min_weight_bits is not None and min_weight_bits > w_bits:
         raise ConfigError(f"the weight floor of {min_weight_bits} bits is above the average of {w_bits}")
@@ -1499,7 +1513,7 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
         act_curves = compute_curves(problem, cdir, progress=progress,
                                     only=[s.key for s in problem.curve_sites if s.kind == "act"])
         context = allocate_activations(act_curves, a_bits, distortion)[0]
-        wproblem = RDProblem(model, calib, weights, acts, rules, dataclasses.replace(config, act_context=context))
+        wproblem = problem.given_activations(context)
         vs = "" if config.context_reference == "float" else f"-vs-{config.context_reference}"
         context_dir = None if cdir is None else Path(cdir) / f"given-acts-{context_digest(context)}{vs}"
         wcurves = compute_curves(wproblem, context_dir, progress=progress)
