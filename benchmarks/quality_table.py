@@ -29,6 +29,9 @@ Configurations are short names:
                             lookahead 0 unless -laK; curves in rd-curves-g10-feat)
     rd-w4a4-g1-traj         ... distortion of the final sample of whole trajectories with the site
                             quantized at every step of its group (--rd-trajectory; rd-curves-g1-traj)
+    uniform-w8a8-sm50       the model smoothed first (jaxquant smooth --alpha 0.50, SmoothQuant's
+                            s_j = max|x_j|^a / max|W_j|^(1-a), from the float model's calib-g1),
+                            then calibrated anew (calib-gG-sm50) and quantized as named; any method
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
                             each point the increase over their distortion (--rd-conditional-weights;
                             in rd-curves-g10/given-acts-<digest>); -condctx: each point the error
@@ -62,7 +65,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -87,11 +90,18 @@ def parse_config(name: str) -> dict:
             cfg["conditional_weights"] = "float" if part == "cond" else "context"
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
+        elif re.fullmatch(r"sm\d\d", part):
+            cfg["smooth"] = int(part[2:]) / 100
         elif part in ("ssim", "mse+ssim"):
             cfg["distortion"] = "mse+ssim"
         else:
             raise SystemExit(f"bad configuration {name!r}: unknown part {part!r}")
     return cfg
+
+
+def smooth_suffix(cfg: dict) -> str:
+    """``-smNN`` for a configuration of a smoothed model (its calibrations and curves are its own)."""
+    return f"-sm{round(100 * cfg['smooth']):02d}" if cfg.get("smooth") is not None else ""
 
 
 def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str]:
@@ -104,7 +114,7 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         # (and lookahead, trajectory and features, which change what is measured)
         la, feat, traj = cfg.get("lookahead"), cfg.get("features"), cfg.get("trajectory")
         curves = (f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-traj" if traj else "")
-                  + ("-feat" if feat else ""))
+                  + ("-feat" if feat else "") + smooth_suffix(cfg))
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
         if la is not None:
             argv += ["--rd-lookahead", str(la)]
@@ -184,16 +194,28 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     if cfg["method"] == "fp":
         qdir = args.model
     else:
-        calib = work / f"calib-g{cfg['groups']}"
-        meta = calib / "calibration.json"
-        if not (meta.is_file() and json.loads(meta.read_text()).get("complete")):
-            argv = ["calibrate", args.model, "--groups", str(cfg["groups"]), "--num-samples", str(args.calib_samples),
-                    "--steps", str(args.steps), "--batch-size", str(min(32, args.calib_samples)), "--cfg-scale", str(args.cfg_scale), "--out", str(calib)]
-            if cli(argv) != 0:
-                raise SystemExit(f"calibration for {name} failed")
+        def calibrated(model: str, groups: int, out: Path) -> Path:
+            meta = out / "calibration.json"
+            if not (meta.is_file() and json.loads(meta.read_text()).get("complete")):
+                argv = ["calibrate", model, "--groups", str(groups), "--num-samples", str(args.calib_samples),
+                        "--steps", str(args.steps), "--batch-size", str(min(32, args.calib_samples)),
+                        "--cfg-scale", str(args.cfg_scale), "--out", str(out)]
+                if cli(argv) != 0:
+                    raise SystemExit(f"calibration for {name} failed")
+            return out
+
+        source = args.model
+        if cfg.get("smooth") is not None:
+            source = str(work / f"smoothed{smooth_suffix(cfg)}")
+            if not (Path(source) / "config.json").is_file():
+                float_calib = calibrated(args.model, 1, work / "calib-g1")
+                if cli(["smooth", args.model, "--calib", str(float_calib), "--alpha", str(cfg["smooth"]),
+                        "--out", source]) != 0:
+                    raise SystemExit(f"smoothing for {name} failed")
+        calib = calibrated(source, cfg["groups"], work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}")
         qdir = work / name
         if not (qdir / "config.json").is_file():
-            if cli(quantize_args(args.model, cfg, calib, qdir)) != 0:
+            if cli(quantize_args(source, cfg, calib, qdir)) != 0:
                 raise SystemExit(f"quantization {name} failed")
     t_quant = time.time() - t0
     model = jaxquant.load(str(qdir))

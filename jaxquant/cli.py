@@ -483,6 +483,23 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
 QUANTIZE_METHODS["rd"] = _quantize_rd
 
 
+def _cmd_smooth(args: argparse.Namespace) -> int:
+    import jaxquant
+    from jaxquant.calib import load_calibration
+    from jaxquant.io.model_dir import save_model_dir
+    from jaxquant.quant.rules import load_rules
+    from jaxquant.quant.smooth import smooth_model
+
+    model = jaxquant.load(args.model)
+    calib = load_calibration(args.calib)
+    rules = load_rules(args.rules, lambda d: d) if args.rules else None
+    smoothed = smooth_model(model, calib, args.alpha, rules=rules)
+    save_model_dir(args.out, smoothed.meta, smoothed.params)
+    print(f"wrote {args.out}: a float model with smoothed layer inputs (alpha {args.alpha}); calibrate it anew "
+          f"before quantizing")
+    return 0
+
+
 def _cmd_rd_curves(args: argparse.Namespace) -> int:
     import jaxquant
     from jaxquant.search import plots
@@ -605,6 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-xtx", action="store_true", help="skip the XᵀX statistics (only needed by AQ)")
     cal.add_argument("--out", required=True, help="calibration directory (rerun to resume)")
     cal.set_defaults(fn=_cmd_calibrate)
+
+    sm = sub.add_parser("smooth", help="move input-channel range from activations into weights (SmoothQuant); "
+                                       "writes a float model that computes the same function")
+    sm.add_argument("model", help="model directory or shipped name (float)")
+    sm.add_argument("--calib", required=True, help="a calibration of MODEL (jaxquant calibrate; --no-xtx suffices)")
+    sm.add_argument("--alpha", type=float, default=0.5,
+                    help="migration strength in [0, 1]: s_j = max|x_j|^alpha / max|W_j|^(1-alpha)")
+    sm.add_argument("--rules", default=None, help="YAML rules: the layers they quantize are smoothed "
+                                                  "(default: all but the first and last layer)")
+    sm.add_argument("--out", required=True, help="output model directory")
+    sm.set_defaults(fn=_cmd_smooth)
 
     qz = sub.add_parser("quantize", help="quantize weights (and activations) and write a model directory")
     qz.add_argument("model", help="model directory or shipped name")

@@ -38,6 +38,14 @@ def _get_or_init(module: nn.Module, name: str, init_fn, shape, dtype=jnp.float32
     return module.param(name, init_fn, shape, dtype)
 
 
+def _smoothed(module: nn.Module, x: jax.Array) -> jax.Array:
+    """The layer's input after its channel smoothing (``input_smooth``, see
+    :mod:`jaxquant.quant.smooth`), if it has one; what calibration records and the
+    activation quantizer sees."""
+    smooth = optional_param(module, "input_smooth")
+    return x if smooth is None else smooth(x)
+
+
 class Dense(nn.Module):
     """Fully connected layer ``y = x W + b`` (``W`` stored ``[in, out]``)."""
 
@@ -50,6 +58,7 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _get_or_init(self, "kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = _get_or_init(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x = _smoothed(self, x)
         record(self, "input", x)
         return dispatch.dense(x, kernel, bias, act_quant=optional_param(self, "input_quant"), dtype=self.dtype)
 
@@ -80,6 +89,7 @@ class Conv(nn.Module):
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
+        x = _smoothed(self, x)
         record(self, "input", x)
         return dispatch.conv2d(x, kernel, bias, strides=(self.strides, self.strides), padding=pad,
                                act_quant=optional_param(self, "input_quant"), dtype=self.dtype)

@@ -412,6 +412,8 @@ def _register_builtin() -> None:
     register_container(UniformWeight, "uniform", 1, validate=_validate_uniform)
     from jaxquant.quant.additive import AQWeight, validate_aq
     register_container(AQWeight, "aq", 1, validate=validate_aq)
+    from jaxquant.quant.smooth import ChannelSmooth
+    register_container(ChannelSmooth, "smooth", 1, replaces_weight=False)
     if ActQuant not in _BY_CLASS:  # unless its module registered it itself
         # Activation quantizers add parameters (``<layer>.input_quant``, ``<attn>.q_quant``…).
         register_container(ActQuant, "act", 2, upgrade=_upgrade_act, validate=_validate_act,
