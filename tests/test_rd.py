@@ -877,3 +877,50 @@ def test_conditional_curves_benchmark_compares_like_with_like(setup):
     assert r["sites"] == 10 and r["given_negative_share"] == [0.1] * len(r["bits"])
     np.testing.assert_allclose(np.asarray(r["alone_sum"]) - r["given_sum"],
                                2 * curves.curves[key].err2.max() * (1 / curves.ref2).sum())
+
+
+def test_fixed_act_weights_benchmark_variants(setup):
+    """benchmarks/fixed_act_weights: every variant has the same activation quantizers; the
+    uniform variant is ``quantize_uniform``'s model; the "more bits" variants never lower
+    a layer's width; the float variant has float weights."""
+    from benchmarks.fixed_act_weights import VARIANTS, build, variant_widths
+    from jaxquant.quant.activation import is_act_quant
+    from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
+    from jaxquant.quant.rules import default_rules, layer_kernels, resolve
+    from jaxquant.quant.uniform import WeightQuantConfig
+
+    model, calib, *_ = setup
+    layers = resolve(layer_kernels(model.params), default_rules(WeightQuantConfig(4)))
+    quantized = [n for n, c in layers.items() if c is not None]
+    assert 0 < len(quantized) < len(layers)  # first and last layer float
+    rd_plan = {n: [3, 8, 5][i % 3] for i, n in enumerate(quantized)}
+    widths = {v: variant_widths(v, layers, rd_plan, 4) for v in VARIANTS}
+    for v in VARIANTS:
+        assert all(widths[v][n] is None for n, c in layers.items() if c is None)
+    assert all(b is None for b in widths["float"].values())
+    for n in quantized:
+        assert widths["uniform"][n] == 4 and widths["rd"][n] == rd_plan[n]
+        assert widths["uniform+rd-top"][n] == (8 if rd_plan[n] == 8 else 4) >= widths["uniform"][n]
+        assert widths["rd-floor"][n] == max(rd_plan[n], 4) >= widths["rd"][n]
+
+    def acts(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_act_quant)
+        return {jax.tree_util.keystr(p): a for p, a in leaves if is_act_quant(a)}
+
+    built = {v: build(model, calib, layers, widths[v], 4) for v in ("float", "uniform", "rd")}
+    reference = quantize_uniform(model, calib, WeightQuantConfig(4), ActQuantConfig(4), progress=False)
+    ref_acts = acts(reference)
+    assert ref_acts
+    for v, tree in built.items():
+        got = acts(tree)
+        assert got.keys() == ref_acts.keys(), v
+        for k, a in ref_acts.items():
+            np.testing.assert_array_equal(got[k].scale, a.scale)
+            np.testing.assert_array_equal(got[k].zero, a.zero)
+            assert got[k].bits == a.bits and got[k].split == a.split
+    for (p, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(built["uniform"]),
+                              jax.tree_util.tree_leaves_with_path(reference)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
+    flat_float = dict(jax.tree_util.tree_leaves_with_path(built["float"], is_leaf=is_act_quant))
+    for p, x in jax.tree_util.tree_leaves_with_path(model.params):
+        np.testing.assert_array_equal(np.asarray(flat_float[p]), np.asarray(x))
