@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation bits (4..8, or 'none' to keep activations float)")
     qz.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")
     qz.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
-    qz.add_argument("--act-method", choices=["mse", "percentile"], default="mse")
+    qz.add_argument("--act-method", choices=["mse", "percentile", "minmax"], default="mse")
     qz.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
     _add_rd_args(qz)
     qz.add_argument("--curves", default=None, metavar="DIR",
@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     rdc.add_argument("--rules", default=None, help="YAML rules choosing the layers (their bits are ignored)")
     rdc.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")
     rdc.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
-    rdc.add_argument("--act-method", choices=["mse", "percentile"], default="mse")
+    rdc.add_argument("--act-method", choices=["mse", "percentile", "minmax"], default="mse")
     rdc.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
     rdc.add_argument("--weights-only", action="store_true", help="no activation sites")
     _add_rd_args(rdc)

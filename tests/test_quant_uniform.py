@@ -266,3 +266,32 @@ def test_cli_calibrate_quantize_sample(model_dir, tmp_path, capsys):
     assert cli.main(["sample", str(qdir), "--num", "2", "--steps", "3", "--batch-size", "2",
                      "--out", str(tmp_path / "s.npz")]) == 0
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_minmax_activation_ranges_cover_every_calibrated_value(model_dir, calib):
+    """``method="minmax"``: each group's range is the calibration's full range (up to the
+    zero point's rounding, half a step), where MSE ranges clip; a split input merged
+    into one range takes the extremes of both parts."""
+    from jaxquant.quant.quantize import act_quantizer, attach_act_quantizers, site_extremes
+    from jaxquant.quant.rules import _split_name
+
+    m = jaxquant.load(model_dir)
+    plan = resolve(layer_kernels(m.params), default_rules(WeightQuantConfig(8)))
+    q = attach_act_quantizers(m, calib, m.params, plan, ActQuantConfig(6, method="minmax"))
+    name = "down_blocks.0.resnets.0.conv1"
+    node = q
+    for k in _split_name(q, name):
+        node = node[k]
+    a = node["input_quant"]
+    s, z = np.asarray(a.scale), np.asarray(a.zero)
+    lo, hi = -z * s, (63 - z) * s
+    want_lo, want_hi = np.minimum(calib.lo[name], 0), np.maximum(calib.hi[name], 0)
+    assert np.all(np.abs(lo - want_lo) <= 0.5 * s + 1e-6) and np.all(np.abs(hi - want_hi) <= 0.5 * s + 1e-6)
+    mse = act_quantizer(np.asarray(calib.samples[name]), 6, ActQuantConfig(6))
+    assert np.all(np.asarray(mse.scale) <= s + 1e-7)  # MSE ranges are never wider
+    split_site = next(n for n in calib.sites if np.shape(calib.lo[n])[1] == 2)
+    lo2, hi2 = site_extremes(calib, split_site, merge_parts=True)
+    np.testing.assert_array_equal(lo2[:, 0], np.min(calib.lo[split_site], axis=1))
+    np.testing.assert_array_equal(hi2[:, 0], np.max(calib.hi[split_site], axis=1))
+    with pytest.raises(ConfigError, match="extremes"):
+        act_quantizer(np.asarray(calib.samples[name]), 6, ActQuantConfig(6, method="minmax"))

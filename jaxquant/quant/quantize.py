@@ -29,7 +29,8 @@ class ActQuantConfig:
     Attributes:
       bits: 4..8 (``None``: activations stay float).
       method: "mse" (clipping ratio minimising the squared error on the calibration
-        sub-sample) or "percentile".
+        sub-sample), "percentile" (of the sub-sample), or "minmax" (the full range of
+        every value the calibration saw: no clipping on the calibration trajectories).
       percentile: for "percentile", the upper percentile (the lower is ``100 - p``).
       softmax_bits: bit width of the attention probabilities (kept higher than ``bits``).
       attention_matmuls: also quantize q, k, v and the softmax output (the matmul operands).
@@ -48,19 +49,27 @@ class ActQuantConfig:
             raise ConfigError(f"activation bits must be 4..8 (or None for float), got {self.bits}")
         if not 4 <= self.softmax_bits <= 16:
             raise ConfigError(f"softmax_bits must be 4..16, got {self.softmax_bits}")
-        if self.method not in ("mse", "percentile"):
-            raise ConfigError(f"activation calibration method must be 'mse' or 'percentile', got {self.method!r}")
+        if self.method not in ("mse", "percentile", "minmax"):
+            raise ConfigError(f"activation calibration method must be 'mse', 'percentile' or 'minmax', got {self.method!r}")
 
 
-def act_quantizer(samples: np.ndarray, bits: int, cfg: ActQuantConfig, split: int = 0) -> ActQuant:
-    """An :class:`ActQuant` from a site's calibration sub-sample ``[G, P, R]``."""
+def act_quantizer(samples: np.ndarray, bits: int, cfg: ActQuantConfig, split: int = 0,
+                  extremes: tuple[np.ndarray, np.ndarray] | None = None) -> ActQuant:
+    """An :class:`ActQuant` from a site's calibration sub-sample ``[G, P, R]``; the
+    "minmax" method needs the site's ``extremes`` (``lo``, ``hi``, each ``[G, P]``)."""
     g, p, _ = samples.shape
     scale = np.zeros((g, p), np.float32)
     zero = np.zeros((g, p), np.float32)
+    if cfg.method == "minmax" and (extremes is None or np.shape(extremes[0]) != (g, p)):
+        raise ConfigError(f"minmax activation ranges need the site's extremes of shape {(g, p)}")
     for i in range(g):
         for j in range(p):
-            lo, hi = (mse_range(samples[i, j], bits) if cfg.method == "mse"
-                      else percentile_range(samples[i, j], cfg.percentile))
+            if cfg.method == "minmax":
+                lo, hi = float(extremes[0][i, j]), float(extremes[1][i, j])
+            elif cfg.method == "mse":
+                lo, hi = mse_range(samples[i, j], bits)
+            else:
+                lo, hi = percentile_range(samples[i, j], cfg.percentile)
             scale[i, j], zero[i, j] = range_to_scale_zero(lo, hi, bits)
     if p == 2 and not split:
         raise ConfigError("a two-part calibration needs the split position")
@@ -128,17 +137,29 @@ def attach_act_quantizers(model, calib, params: dict, plan: dict[str, Any], acts
     quantized = [n for n, c in plan.items() if c is not None]
     for name in quantized:
         samples = _site_samples(calib, name)
-        if samples.shape[1] == 2 and not acts.split:
+        merge = samples.shape[1] == 2 and not acts.split
+        if merge:
             samples = samples.reshape(samples.shape[0], 1, -1)
-        node_of(name)["input_quant"] = act_quantizer(samples, acts.bits, acts, splits.get(name, 0))
+        node_of(name)["input_quant"] = act_quantizer(samples, acts.bits, acts, splits.get(name, 0),
+                                                     site_extremes(calib, name, merge))
     if acts.attention_matmuls:
         for site in calib.sites:
             base, _, leaf = site.rpartition(".")
             if leaf not in ("q", "k", "v", "probs") or not _projections_quantized(base, plan):
                 continue
             bits = max(acts.bits, acts.softmax_bits) if leaf == "probs" else acts.bits
-            node_of(base)[f"{leaf}_quant"] = act_quantizer(_site_samples(calib, site), bits, acts)
+            node_of(base)[f"{leaf}_quant"] = act_quantizer(_site_samples(calib, site), bits, acts,
+                                                           extremes=site_extremes(calib, site, False))
     return params
+
+
+def site_extremes(calib, site: str, merge_parts: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` ``[G, P]`` of a site over the calibration (``P = 1`` when the two parts of
+    a split input share one range)."""
+    lo, hi = np.asarray(calib.lo[site]), np.asarray(calib.hi[site])
+    if merge_parts:
+        lo, hi = lo.min(axis=1, keepdims=True), hi.max(axis=1, keepdims=True)
+    return lo, hi
 
 
 def _site_samples(calib, site: str) -> np.ndarray:

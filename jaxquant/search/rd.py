@@ -107,7 +107,7 @@ from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.quant import dispatch
 from jaxquant.quant.accounting import leaf_storage
 from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant
-from jaxquant.quant.quantize import ActQuantConfig, _projections_quantized, act_quantizer
+from jaxquant.quant.quantize import ActQuantConfig, _projections_quantized, act_quantizer, site_extremes
 from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, apply_plan, default_rules, layer_kernels, resolve
 from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig, quantize_weight
 from jaxquant.search.distortion import DISTORTIONS, SSIMConfig, distortion, output_stats
@@ -512,7 +512,10 @@ class RDProblem:
         both parts equal for unsplit sites."""
         key = (site.name, int(group), int(bits))
         if key not in self._aq:
-            q = act_quantizer(self._site_samples(site)[group:group + 1], int(bits), self.acts, site.split)
+            samples = self._site_samples(site)
+            lo, hi = site_extremes(self.calib, site.name, samples.shape[1] != np.shape(self.calib.lo[site.name])[1])
+            q = act_quantizer(samples[group:group + 1], int(bits), self.acts, site.split,
+                              (lo[group:group + 1], hi[group:group + 1]))
             s, z = np.asarray(q.scale[0], np.float32), np.asarray(q.zero[0], np.float32)
             self._aq[key] = (np.resize(s, 2), np.resize(z, 2))
         return self._aq[key]
