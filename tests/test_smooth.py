@@ -162,3 +162,39 @@ def test_cli_smooth_then_quantize(tiny, tmp_path, capsys):
     assert leaves and all(isinstance(v, ChannelSmooth) for v in leaves)
     assert cli.main(["smooth", str(d), "--calib", str(cal), "--alpha", "2", "--out", str(tmp_path / "bad")]) == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def test_act_error_sources_variants(tiny):
+    """benchmarks/act_error_sources: a per-step rebuild that keeps every step equals the
+    quantizers it came from; keeping none leaves only clipping (far less error); the
+    min/max variant clips nothing."""
+    from benchmarks.act_error_sources import minmax_variant, per_step_variant
+
+    _, model, _ = tiny
+    calib = calibrate(model, CalibConfig(num_samples=8, steps=4, groups=1, batch_size=4, reservoir=512, xtx=False),
+                      progress=False)
+    plan = resolve(layer_kernels(model.params), default_rules(WeightQuantConfig(8)))
+    from jaxquant.quant.quantize import attach_act_quantizers
+    base = attach_act_quantizers(model, calib, model.params, plan, ActQuantConfig(4))
+    x = jnp.asarray(calib.inputs[:, :4].reshape(-1, 8, 8, 1))
+    ts = np.repeat(calib.timesteps, 4).astype(np.int32)
+    ref = np.asarray(model.apply(model.params, x, jnp.asarray(ts)))
+
+    def out(params):  # one call per step: a call's quantizer group comes from its first timestep
+        return np.concatenate([np.asarray(model.apply(params, x[i:i + 4], jnp.asarray(ts[i:i + 4])))
+                               for i in range(0, len(ts), 4)])
+
+    same = per_step_variant(base, 4, 100, lambda n, g: True)
+    np.testing.assert_allclose(out(same), out(base), rtol=1e-5, atol=1e-6)
+    err = lambda o: float(((o - ref) ** 2).sum() / (ref ** 2).sum())  # noqa: E731
+    clip_only = err(out(per_step_variant(base, 4, 100, lambda n, g: False)))
+    assert 0 < clip_only < err(out(base))
+    # min/max ranges hold every value the calibration saw, these inputs' included: with
+    # the fine step only the zero point's rounding (at most half a step of the original
+    # width at the top of the range) can clip, so at 8 bits the output is far closer to
+    # the float one than with the MSE ranges' clipping (this random net amplifies errors).
+    base8 = attach_act_quantizers(model, calib, model.params, plan, ActQuantConfig(8))
+    mm = minmax_variant(base8, calib)
+    mm_fine = err(out(per_step_variant(mm, 4, 100, lambda n, g: False)))
+    assert mm_fine < 0.05 * err(out(per_step_variant(base8, 4, 100, lambda n, g: False)))
+    assert err(out(mm)) > 10 * mm_fine  # at 8 bits the rounding is left
