@@ -32,6 +32,8 @@ Configurations are short names:
     uniform-w8a8-sm50       the model smoothed first (jaxquant smooth --alpha 0.50, SmoothQuant's
                             s_j = max|x_j|^a / max|W_j|^(1-a), from the float model's calib-g1),
                             then calibrated anew (calib-gG-sm50) and quantized as named; any method
+    uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
+                            (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
                             each point the increase over their distortion (--rd-conditional-weights;
                             in rd-curves-g10/given-acts-<digest>); -condctx: each point the error
@@ -65,7 +67,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN][-mm] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -90,6 +92,8 @@ def parse_config(name: str) -> dict:
             cfg["conditional_weights"] = "float" if part == "cond" else "context"
         elif part in ("sens", "count") and m["method"] == "aq":
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
+        elif part == "mm":
+            cfg["act_method"] = "minmax"
         elif re.fullmatch(r"sm\d\d", part):
             cfg["smooth"] = int(part[2:]) / 100
         elif part in ("ssim", "mse+ssim"):
@@ -114,7 +118,7 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         # (and lookahead, trajectory and features, which change what is measured)
         la, feat, traj = cfg.get("lookahead"), cfg.get("features"), cfg.get("trajectory")
         curves = (f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-traj" if traj else "")
-                  + ("-feat" if feat else "") + smooth_suffix(cfg))
+                  + ("-feat" if feat else "") + smooth_suffix(cfg) + ("-mm" if cfg.get("act_method") == "minmax" else ""))
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
         if la is not None:
             argv += ["--rd-lookahead", str(la)]
@@ -126,6 +130,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             argv += ["--rd-conditional-weights", cfg["conditional_weights"]]
         if cfg.get("min_weight_bits"):
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
+    if cfg.get("act_method"):
+        argv += ["--act-method", cfg["act_method"]]
     if cfg.get("finetune_steps"):
         argv += ["--finetune-steps", str(cfg["finetune_steps"])]
     if cfg.get("code_update_every"):

@@ -198,3 +198,23 @@ def test_act_error_sources_variants(tiny):
     mm_fine = err(out(per_step_variant(mm, 4, 100, lambda n, g: False)))
     assert mm_fine < 0.05 * err(out(per_step_variant(base8, 4, 100, lambda n, g: False)))
     assert err(out(mm)) > 10 * mm_fine  # at 8 bits the rounding is left
+
+
+def test_quality_table_names_for_smoothing_and_minmax():
+    """``-smNN`` and ``-mm`` in quality_table names: the smoothing strength, the minmax
+    activation ranges, and RD curves kept apart from the plain model's."""
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args, smooth_suffix
+
+    cfg = parse_config("uniform-w8a8-sm50")
+    assert cfg["smooth"] == 0.5 and smooth_suffix(cfg) == "-sm50" and "act_method" not in cfg
+    assert "--act-method" not in quantize_args("m", cfg, Path("c"), Path("w/q"))
+    cfg = parse_config("rd-w6a6-g10-sm80-mm")
+    assert cfg["smooth"] == 0.8 and cfg["act_method"] == "minmax"
+    argv = quantize_args("m", cfg, Path("c"), Path("w/q"))
+    assert argv[argv.index("--act-method") + 1] == "minmax"
+    assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-sm80-mm"))
+    assert smooth_suffix(parse_config("uniform-w8a8")) == ""
+    args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--act-method", "minmax"])
+    assert args.act_method == "minmax"
