@@ -24,6 +24,7 @@ with the float samples as :mod:`benchmarks.sample_drift` does (pixel and feature
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -66,23 +67,6 @@ def per_step_variant(params, steps: int, num_train: int, keep):
             ze.append(np.round(-lo / scale))
         return ActQuant(jnp.asarray(np.stack(sc), jnp.float32), jnp.asarray(np.stack(ze), jnp.float32),
                         tuple(bits), a.split)
-
-    return jax.tree_util.tree_map_with_path(conv, params, is_leaf=is_act_quant)
-
-
-def minmax_variant(params, calib):
-    """Every activation quantizer with the calibration's full range (no clipping)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxquant.quant.activation import ActQuant, is_act_quant, range_to_scale_zero
-
-    def conv(path, a):
-        if not is_act_quant(a):
-            return a
-        name = _name(path)
-        scale, zero = range_to_scale_zero(calib.lo[name], calib.hi[name], a.group_bits[0])
-        return ActQuant(jnp.asarray(scale), jnp.asarray(zero), a.bits, a.split)
 
     return jax.tree_util.tree_map_with_path(conv, params, is_leaf=is_act_quant)
 
@@ -141,7 +125,8 @@ def main() -> None:
         f"rounding at t < {args.split_t} only": lambda: (fp, per_step_variant(base, args.steps, T, lambda n, g: g < t_group)),
         "rounding in the full-resolution blocks only": lambda: (fp, per_step_variant(base, args.steps, T, lambda n, g: full_res(n))),
         "rounding everywhere else": lambda: (fp, per_step_variant(base, args.steps, T, lambda n, g: not full_res(n))),
-        "min/max ranges (no clipping)": lambda: (fp, minmax_variant(base, calib)),
+        "min/max ranges (no clipping)": lambda: (fp, attach_act_quantizers(
+            fp, calib, fp.params, plan, dataclasses.replace(acfg, method="minmax"))),
     }
 
     def smoothed(alpha):

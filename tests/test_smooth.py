@@ -166,9 +166,9 @@ def test_cli_smooth_then_quantize(tiny, tmp_path, capsys):
 
 def test_act_error_sources_variants(tiny):
     """benchmarks/act_error_sources: a per-step rebuild that keeps every step equals the
-    quantizers it came from; keeping none leaves only clipping (far less error); the
-    min/max variant clips nothing."""
-    from benchmarks.act_error_sources import minmax_variant, per_step_variant
+    quantizers it came from; keeping none leaves only clipping (far less error); its
+    min/max variant (``method="minmax"``) clips nothing."""
+    from benchmarks.act_error_sources import per_step_variant
 
     _, model, _ = tiny
     calib = calibrate(model, CalibConfig(num_samples=8, steps=4, groups=1, batch_size=4, reservoir=512, xtx=False),
@@ -194,7 +194,7 @@ def test_act_error_sources_variants(tiny):
     # width at the top of the range) can clip, so at 8 bits the output is far closer to
     # the float one than with the MSE ranges' clipping (this random net amplifies errors).
     base8 = attach_act_quantizers(model, calib, model.params, plan, ActQuantConfig(8))
-    mm = minmax_variant(base8, calib)
+    mm = attach_act_quantizers(model, calib, model.params, plan, ActQuantConfig(8, method="minmax"))
     mm_fine = err(out(per_step_variant(mm, 4, 100, lambda n, g: False)))
     assert mm_fine < 0.05 * err(out(per_step_variant(base8, 4, 100, lambda n, g: False)))
     assert err(out(mm)) > 10 * mm_fine  # at 8 bits the rounding is left
