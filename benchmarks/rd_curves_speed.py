@@ -5,7 +5,8 @@ Both compute the same curves (every weight site at 2..8 bits, every activation s
 compiled forward pass; "vmapped" evaluates all candidates of a site in one call (a
 ``vmap`` over the candidates, sharded over devices when there are several), "loop"
 calls it once per (site, bit width) from Python. Quantizing the candidate kernels is
-done once beforehand and timed apart (both use it). Models: ddpm-fmnist (the shipped
+done once beforehand and timed apart (both use it). The two ways run site by site,
+alternating which goes first, so that other load on the machine falls on both alike. Models: ddpm-fmnist (the shipped
 weights) and the google/ddpm-cifar10-32 configuration (random weights).
 
     python -m benchmarks.rd_curves_speed                         # both models, all sites
@@ -42,20 +43,29 @@ def _model(name: str, tmp: Path):
     return jaxquant.load(d)
 
 
-def _run(problem, keys, per_call):
-    """``(seconds for the first site of each kind incl. compiles, seconds for the rest, curves)``."""
+def _run(problem, keys) -> tuple[dict, dict]:
+    """Both ways, site by site: ``(seconds, curves)`` per way, seconds as ``[first site of
+    each kind incl. compiles, the other sites]``.
+
+    The two ways alternate which goes first at every site, so a load that changes during
+    the run (another job on the machine) falls on both alike and the ratio stays fair.
+    """
     from jaxquant.search import rd
 
-    warm = [next(k for k in keys if k.startswith(kind)) for kind in ("weight:", "act:") if
-            any(k.startswith(kind) for k in keys)]
-    rest_keys = [k for k in keys if k not in warm]
-    t0 = time.perf_counter()
-    first = rd.compute_curves(problem, only=warm, progress=False, candidates_per_call=per_call)
-    t1 = time.perf_counter()
-    rest = rd.compute_curves(problem, only=rest_keys, progress=False, candidates_per_call=per_call) \
-        if rest_keys else first
-    t2 = time.perf_counter()
-    return t1 - t0, (t2 - t1) if rest_keys else 0.0, {**first.curves, **rest.curves}
+    ways = {"vmapped": None, "loop": 1}  # candidates per call
+    secs = {w: [0.0, 0.0] for w in ways}
+    curves: dict[str, dict] = {w: {} for w in ways}
+    seen: set[str] = set()
+    for n, key in enumerate(keys):
+        kind = key.partition(":")[0]
+        part = 1 if kind in seen else 0
+        seen.add(kind)
+        for way in (("vmapped", "loop") if n % 2 == 0 else ("loop", "vmapped")):
+            t0 = time.perf_counter()
+            c = rd.compute_curves(problem, only=[key], progress=False, candidates_per_call=ways[way])
+            secs[way][part] += time.perf_counter() - t0
+            curves[way].update(c.curves)
+    return secs, curves
 
 
 def bench(name: str, args, tmp: Path) -> dict:
@@ -85,8 +95,9 @@ def bench(name: str, args, tmp: Path) -> dict:
                 for g in range(problem.groups):
                     problem.act_params(s, g, b)
     t_quant = time.perf_counter() - t0
-    v_first, v_rest, v_curves = _run(problem, keys, None)
-    l_first, l_rest, l_curves = _run(problem, keys, 1)
+    secs, curves = _run(problem, keys)
+    (v_first, v_rest), (l_first, l_rest) = secs["vmapped"], secs["loop"]
+    v_curves, l_curves = curves["vmapped"], curves["loop"]
     diff = max(float(np.max(np.abs(v_curves[k].err2 - l_curves[k].err2) / np.maximum(np.abs(l_curves[k].err2), 1e-30)))
                for k in keys)
     evals = sum(len(problem.candidates(s)) for s in sites)
@@ -113,7 +124,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="inputs per call")
     ap.add_argument("--max-sites", type=int, default=0, help="only the first N weight and N activation sites (0: all)")
     ap.add_argument("--weights-only", action="store_true", help="no activation sites")
-    ap.add_argument("--json", action="store_true", help="write benchmarks/results/rd_curves_speed.json")
+    ap.add_argument("--json", action="store_true", help="write benchmarks/results/rd_curves_speed_<models>.json")
     args = ap.parse_args()
 
     import jax
@@ -126,7 +137,7 @@ def main() -> None:
                 raise SystemExit(f"unknown model {name!r} (fmnist, cifar10)")
             results.append(bench(name, args, Path(tmp)))
     if args.json:
-        print(f"wrote {write_result('rd_curves_speed', {**vars(args), 'results': results})}")
+        print(f"wrote {write_result('rd_curves_speed_' + args.models.replace(',', '_'), {**vars(args), 'results': results})}")
 
 
 if __name__ == "__main__":

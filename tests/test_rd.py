@@ -924,3 +924,20 @@ def test_fixed_act_weights_benchmark_variants(setup):
     flat_float = dict(jax.tree_util.tree_leaves_with_path(built["float"], is_leaf=is_act_quant))
     for p, x in jax.tree_util.tree_leaves_with_path(model.params):
         np.testing.assert_array_equal(np.asarray(flat_float[p]), np.asarray(x))
+
+
+def test_curves_speed_benchmark_runs_both_ways_site_by_site(setup):
+    """benchmarks/rd_curves_speed: both ways measure every site, give the curves of
+    ``compute_curves`` (stored in the fixture), and time first sites apart from the rest."""
+    from benchmarks.rd_curves_speed import _run
+
+    *_, problem, curves, _ = setup
+    keys = [c.site.key for c in curves.of_kind("weight")][:2] + [c.site.key for c in curves.of_kind("act")][:2]
+    secs, got = _run(problem, keys)
+    assert set(secs) == set(got) == {"vmapped", "loop"}
+    for way in ("vmapped", "loop"):
+        assert list(got[way]) == keys
+        assert all(s > 0 for s in secs[way])  # two kinds: first and further sites both timed
+        for k in keys:
+            np.testing.assert_allclose(got[way][k].err2, curves.curves[k].err2, rtol=1e-5, err_msg=f"{way} {k}")
+            np.testing.assert_allclose(got[way][k].dssim, curves.curves[k].dssim, rtol=1e-5, atol=1e-7)
