@@ -310,7 +310,9 @@ def main() -> None:
             continue
         print(f"== {name}")
         xla.release_compiled_if_crowded()  # each configuration compiles its own sampler, quantizer, ...
-        row = run_config(name, args, work)
+        # each row names its own day and machine: its timings (quantize_s, images_per_s) are
+        # only comparable with rows of the same machine
+        row = {**run_config(name, args, work), "date": time.strftime("%Y-%m-%d"), "machine": machine()}
         # merge into the file as it is now: rows finished or edited by others meanwhile stay
         if out.is_file():
             result["configs"] = json.loads(out.read_text()).get("configs", {})
