@@ -107,8 +107,8 @@ def main() -> None:
     base = attach_act_quantizers(fp, calib, fp.params, plan, acfg)
     prefixes = tuple(p for p in args.full_res.split(",") if p)
     full_res = lambda n: n.startswith(prefixes)  # noqa: E731
-    late = T // args.steps  # timesteps per group; group g holds t in [g·late, (g+1)·late)
-    t_group = args.split_t // late
+    per_group = T // args.steps  # timesteps per group; group g holds t in [g·per_group, (g+1)·per_group)
+    t_group = args.split_t // per_group
 
     net = get_feature_net("fmnist")
 

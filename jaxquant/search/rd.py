@@ -513,16 +513,20 @@ class RDProblem:
         key = (site.name, int(group), int(bits))
         if key not in self._aq:
             samples = self._site_samples(site)
-            lo, hi = site_extremes(self.calib, site.name, samples.shape[1] != np.shape(self.calib.lo[site.name])[1])
+            lo, hi = site_extremes(self.calib, site.name, self._merges_parts(site))
             q = act_quantizer(samples[group:group + 1], int(bits), self.acts, site.split,
                               (lo[group:group + 1], hi[group:group + 1]))
             s, z = np.asarray(q.scale[0], np.float32), np.asarray(q.zero[0], np.float32)
             self._aq[key] = (np.resize(s, 2), np.resize(z, 2))
         return self._aq[key]
 
+    def _merges_parts(self, site: Site) -> bool:
+        """Whether a two-part input (a concatenation) is quantized with one range."""
+        return np.shape(self.calib.samples[site.name])[1] == 2 and not site.split
+
     def _site_samples(self, site: Site) -> np.ndarray:
         samples = np.asarray(self.calib.samples[site.name])
-        if samples.shape[1] == 2 and not site.split:
+        if self._merges_parts(site):
             samples = samples.reshape(samples.shape[0], 1, -1)
         return samples
 
