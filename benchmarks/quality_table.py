@@ -32,6 +32,11 @@ Configurations are short names:
     uniform-w8a8-sm50       the model smoothed first (jaxquant smooth --alpha 0.50, SmoothQuant's
                             s_j = max|x_j|^a / max|W_j|^(1-a), from the float model's calib-g1),
                             then calibrated anew (calib-gG-sm50) and quantized as named; any method
+    rd-w6a6-g10-smauto      ... strengths per layer (jaxquant smooth --alpha auto) scored at the
+                            configuration's W, A and groups (uniform weights at W for aq and rd):
+                            smoothed-smauto-w6a6-g10, calib-g10-smauto-w6a6-g10; -smautom: scored by
+                            the model's output error with one layer at a time (--criterion model,
+                            40 inputs)
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -67,7 +72,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN][-mm] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -96,6 +101,9 @@ def parse_config(name: str) -> dict:
             cfg["act_method"] = "minmax"
         elif re.fullmatch(r"sm\d\d", part):
             cfg["smooth"] = int(part[2:]) / 100
+        elif part in ("smauto", "smautom"):
+            cfg["smooth"] = "auto"
+            cfg["smooth_criterion"] = "layer" if part == "smauto" else "model"
         elif part in ("ssim", "mse+ssim"):
             cfg["distortion"] = "mse+ssim"
         else:
@@ -104,8 +112,30 @@ def parse_config(name: str) -> dict:
 
 
 def smooth_suffix(cfg: dict) -> str:
-    """``-smNN`` for a configuration of a smoothed model (its calibrations and curves are its own)."""
-    return f"-sm{round(100 * cfg['smooth']):02d}" if cfg.get("smooth") is not None else ""
+    """``-smNN`` for a configuration of a smoothed model (its calibrations and curves are its
+    own); ``-smauto-wWaA-gG`` for per-layer strengths, which depend on the target."""
+    sm = cfg.get("smooth")
+    if sm is None:
+        return ""
+    if sm == "auto":
+        m = "m" if cfg.get("smooth_criterion") == "model" else ""
+        return f"-smauto{m}-w{cfg['w_bits']}a{cfg['a_bits']}-g{cfg['groups']}"
+    return f"-sm{round(100 * sm):02d}"
+
+
+def smooth_args(model: str, cfg: dict, float_calib: Path, out: Path) -> list[str]:
+    """The ``jaxquant smooth`` command line of a configuration of a smoothed model."""
+    argv = ["smooth", model, "--calib", str(float_calib), "--alpha", str(cfg["smooth"]), "--out", str(out)]
+    if cfg["smooth"] == "auto":
+        if cfg["a_bits"] is None:
+            raise SystemExit("-smauto needs quantized activations (the error the strengths trade)")
+        # AQ and RD targets are scored with the uniform weight quantizer at the average bits
+        argv += ["--w-bits", str(cfg["w_bits"]), "--a-bits", str(cfg["a_bits"]), "--groups", str(cfg["groups"])]
+        if cfg.get("smooth_criterion") == "model":
+            argv += ["--criterion", "model", "--num-inputs", "40"]
+        if cfg.get("act_method"):
+            argv += ["--act-method", cfg["act_method"]]
+    return argv
 
 
 def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str]:
@@ -215,8 +245,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
             source = str(work / f"smoothed{smooth_suffix(cfg)}")
             if not (Path(source) / "config.json").is_file():
                 float_calib = calibrated(args.model, 1, work / "calib-g1")
-                if cli(["smooth", args.model, "--calib", str(float_calib), "--alpha", str(cfg["smooth"]),
-                        "--out", source]) != 0:
+                if cli(smooth_args(args.model, cfg, float_calib, Path(source))) != 0:
                     raise SystemExit(f"smoothing for {name} failed")
         calib = calibrated(source, cfg["groups"], work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}")
         qdir = work / name

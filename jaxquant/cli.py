@@ -483,20 +483,66 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
 QUANTIZE_METHODS["rd"] = _quantize_rd
 
 
+def _parse_alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alpha takes a number in [0, 1] or 'auto', got {text!r}") from None
+
+
 def _cmd_smooth(args: argparse.Namespace) -> int:
+    import json
+
     import jaxquant
     from jaxquant.calib import load_calibration
     from jaxquant.io.model_dir import save_model_dir
     from jaxquant.quant.rules import load_rules
-    from jaxquant.quant.smooth import smooth_model
+    from jaxquant.quant.smooth import DEFAULT_ALPHAS, AlphaSearchConfig, channel_absmax, search_alphas, smooth_model, smoothed_layers
 
     model = jaxquant.load(args.model)
     calib = load_calibration(args.calib)
     rules = load_rules(args.rules, lambda d: d) if args.rules else None
-    smoothed = smooth_model(model, calib, args.alpha, rules=rules)
+    if args.alpha != "auto":
+        smoothed = smooth_model(model, calib, args.alpha, rules=rules)
+        save_model_dir(args.out, smoothed.meta, smoothed.params)
+        print(f"wrote {args.out}: a float model with smoothed layer inputs (alpha {args.alpha}); calibrate it anew "
+              f"before quantizing")
+        return 0
+
+    from jaxquant.quant.quantize import ActQuantConfig
+    from jaxquant.quant.uniform import WeightQuantConfig
+
+    if args.a_bits is None:
+        raise JaxquantError("--alpha auto needs --a-bits (and --w-bits): the target the layers are scored at")
+    cfg = AlphaSearchConfig(WeightQuantConfig(bits=args.w_bits, symmetric=args.symmetric),
+                            ActQuantConfig(bits=args.a_bits, method=args.act_method),
+                            groups=args.groups or calib.config.groups,
+                            alphas=tuple(args.alphas) if args.alphas else DEFAULT_ALPHAS,
+                            num_inputs=args.num_inputs, seed=args.seed, criterion=args.criterion)
+    amax = channel_absmax(model, calib, smoothed_layers(model, rules))
+    choices = search_alphas(model, calib, cfg, rules=rules, act_absmax=amax)
+    smoothed = smooth_model(model, calib, {n: c.alpha for n, c in choices.items()}, rules=rules, act_absmax=amax)
     save_model_dir(args.out, smoothed.meta, smoothed.params)
-    print(f"wrote {args.out}: a float model with smoothed layer inputs (alpha {args.alpha}); calibrate it anew "
-          f"before quantizing")
+    key = lambda a: "none" if a is None else f"{a:g}"  # noqa: E731
+    report = {"target": {"w_bits": args.w_bits, "a_bits": args.a_bits, "groups": cfg.groups,
+                         "act_method": args.act_method, "symmetric": args.symmetric},
+              "criterion": cfg.criterion, "alphas": list(cfg.alphas), "num_inputs": cfg.num_inputs, "calibration": str(args.calib),
+              "layers": {n: {"alpha": c.alpha, "gain": c.gain, "errors": {key(a): e for a, e in c.errors.items()}}
+                         for n, c in choices.items()}}
+    (Path(args.out) / "smoothing.json").write_text(json.dumps(report, indent=1))
+    counts: dict[str, int] = {}
+    for c in choices.values():
+        counts[key(c.alpha)] = counts.get(key(c.alpha), 0) + 1
+    unsmoothed = sum(c.errors[None] for c in choices.values())
+    chosen = sum(c.errors[c.alpha] for c in choices.values())
+    print(f"alpha per layer at W{args.w_bits}A{args.a_bits} ({cfg.groups} timestep groups): "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print(f"summed relative {cfg.criterion} error {unsmoothed:.4g} unsmoothed -> {chosen:.4g} chosen "
+          f"({unsmoothed / max(chosen, 1e-30):.2f}x lower)")
+    print(f"wrote {args.out} (choices in {Path(args.out) / 'smoothing.json'}): a float model with smoothed layer "
+          f"inputs; calibrate it anew before quantizing")
     return 0
 
 
@@ -627,8 +673,23 @@ def build_parser() -> argparse.ArgumentParser:
                                        "writes a float model that computes the same function")
     sm.add_argument("model", help="model directory or shipped name (float)")
     sm.add_argument("--calib", required=True, help="a calibration of MODEL (jaxquant calibrate; --no-xtx suffices)")
-    sm.add_argument("--alpha", type=float, default=0.5,
-                    help="migration strength in [0, 1]: s_j = max|x_j|^alpha / max|W_j|^(1-alpha)")
+    sm.add_argument("--alpha", type=_parse_alpha, default=0.5,
+                    help="migration strength in [0, 1]: s_j = max|x_j|^alpha / max|W_j|^(1-alpha); 'auto': per layer, "
+                         "the strength (or none) with the smallest layer output error at --w-bits/--a-bits")
+    sm.add_argument("--w-bits", type=int, default=8, help="auto: the target's weight bits (uniform, per channel)")
+    sm.add_argument("--a-bits", type=int, default=None, help="auto: the target's activation bits")
+    sm.add_argument("--groups", type=int, default=None,
+                    help="auto: the target's timestep groups (activation ranges per group; default: the calibration's)")
+    sm.add_argument("--act-method", choices=["mse", "percentile", "minmax"], default="mse",
+                    help="auto: how the target chooses activation ranges")
+    sm.add_argument("--symmetric", action="store_true", help="auto: symmetric weight quantizer")
+    sm.add_argument("--alphas", type=float, nargs="+", default=None, metavar="A",
+                    help="auto: the strengths tried (default 0, 0.1, ..., 1), besides no smoothing")
+    sm.add_argument("--criterion", choices=["layer", "model"], default="layer",
+                    help="auto: score a candidate by the error of the layer's own output, or of the model's output "
+                         "with only that layer smoothed and quantized (a forward pass per candidate and step)")
+    sm.add_argument("--num-inputs", type=int, default=64, help="auto: calibration inputs the layers are scored on")
+    sm.add_argument("--seed", type=int, default=0, help="auto: which inputs and values are used")
     sm.add_argument("--rules", default=None, help="YAML rules: the layers they quantize are smoothed "
                                                   "(default: all but the first and last layer)")
     sm.add_argument("--out", required=True, help="output model directory")

@@ -218,3 +218,138 @@ def test_quality_table_names_for_smoothing_and_minmax():
     assert smooth_suffix(parse_config("uniform-w8a8")) == ""
     args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--act-method", "minmax"])
     assert args.act_method == "minmax"
+
+
+def _numpy_layer_error(x, groups, kernel, amax, alpha, a_bits, w_bits, num_groups):
+    """Reference for one dense layer: min/max activation ranges per timestep group, the
+    weight by the uniform per-channel quantizer without clipping search."""
+    from jaxquant.quant.activation import range_to_scale_zero
+
+    s = np.ones(kernel.shape[0]) if alpha is None else smoothing_factors(amax, kernel, alpha)
+    xs = x.astype(np.float64) / s
+    xq = np.empty_like(xs)
+    for g in range(num_groups):
+        m = groups == g
+        if not m.any():
+            continue
+        scale, zero = range_to_scale_zero(xs[m].min(), xs[m].max(), a_bits)
+        scale, zero = float(scale), float(zero)
+        q = np.clip(np.round(xs[m].astype(np.float32) / np.float32(scale)) + zero, 0, 2 ** a_bits - 1)
+        xq[m] = (q - zero) * scale
+    w = kernel * s[:, None]
+    lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+    step = ((hi - lo) / (2 ** w_bits - 1)).astype(np.float16).astype(np.float64)
+    z = np.clip(np.round(-lo / step), 0, 2 ** w_bits - 1)
+    wq = (np.clip(np.round(w / step) + z, 0, 2 ** w_bits - 1) - z) * step
+    ref = x.astype(np.float64) @ kernel
+    return float(((xq @ wq - ref) ** 2).sum() / (ref ** 2).sum())
+
+
+def test_score_alphas_matches_a_numpy_reference_on_a_dense_layer():
+    from jaxquant.quant.quantize import ActQuantConfig
+    from jaxquant.quant.smooth import AlphaSearchConfig, score_alphas
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((24, 5, 16)).astype(np.float32)
+    x[..., 3] *= 40.0  # two wide channels
+    x[..., 11] *= 15.0
+    kernel = rng.standard_normal((16, 12)).astype(np.float32)
+    groups = np.repeat(np.arange(3), 8)
+    amax = np.abs(x).reshape(-1, 16).max(0) * 1.1  # the factors come from the whole calibration
+    cfg = AlphaSearchConfig(WeightQuantConfig(4, clip_search=1), ActQuantConfig(6, method="minmax"), groups=3,
+                            alphas=(0.0, 0.3, 0.5, 0.8, 1.0))
+    got = score_alphas(x, groups, kernel, amax, cfg)
+    assert set(got.errors) == {None, 0.0, 0.3, 0.5, 0.8, 1.0}
+    for a, e in got.errors.items():
+        want = _numpy_layer_error(x, groups, kernel, amax, a, 6, 4, 3)
+        np.testing.assert_allclose(e, want, rtol=2e-3, err_msg=f"alpha {a}")
+    assert got.errors[got.alpha] == min(got.errors.values())
+    assert got.alpha is not None and got.gain > 2  # wide channels: smoothing pays
+
+
+@pytest.mark.parametrize("layer", ["down_blocks.1.resnets.0.conv1", "up_blocks.0.resnets.0.conv1"])
+def test_model_criterion_is_the_error_of_the_model_with_that_layer_smoothed_and_quantized(tiny, layer):
+    """Criterion "model" scores a candidate by the model's output error with only that
+    layer smoothed and quantized. Rebuilt the long way (smooth_model with a strength for
+    that layer alone, a fresh calibration, quantize_uniform of that layer alone) with
+    min/max ranges over the same inputs, the model's error is the one reported. The
+    second layer reads a concatenated (skip) input, whose two parts get separate ranges."""
+    from jaxquant.quant.rules import Rule
+    from jaxquant.quant.smooth import AlphaSearchConfig, search_alphas
+
+    _, model, calib = tiny
+    S, N = calib.inputs.shape[:2]
+    acts = ActQuantConfig(4, method="minmax", attention_matmuls=False)
+    only = [Rule(layer.replace(".", r"\."), WeightQuantConfig(6)), Rule(r".*", None)]
+    cfg = AlphaSearchConfig(WeightQuantConfig(6), acts, groups=2, alphas=(0.5, 1.0), num_inputs=S * N,
+                            criterion="model")
+    got = search_alphas(model, calib, cfg, rules=only, progress=False)
+    assert list(got) == [layer]
+    x, t = jnp.asarray(calib.inputs), calib.timesteps
+    for alpha in (None, 0.5, 1.0):
+        sm = smooth_model(model, calib, {layer: alpha}, rules=only, progress=False)
+        cal = calibrate(sm, CalibConfig(num_samples=8, steps=4, groups=2, batch_size=4, reservoir=512, xtx=False),
+                        progress=False)
+        q = quantize_uniform(sm, cal, WeightQuantConfig(6), acts, rules=only, progress=False)
+        num = den = 0.0
+        for s in range(S):
+            ts = jnp.full((N,), int(t[s]), jnp.int32)
+            ref = np.asarray(model.apply(model.params, x[s], ts), np.float64)
+            out = np.asarray(sm.apply(q, x[s], ts), np.float64)
+            num, den = num + ((out - ref) ** 2).sum(), den + (ref ** 2).sum()
+        np.testing.assert_allclose(got[layer].errors[alpha], num / den, rtol=1e-3, err_msg=f"alpha {alpha}")
+    assert got[layer].errors[got[layer].alpha] == min(got[layer].errors.values())
+
+
+def test_cli_smooth_auto_writes_choices(tiny, tmp_path, capsys):
+    import json
+
+    d, _, _ = tiny
+    cal = tmp_path / "cal"
+    assert cli.main(["calibrate", str(d), "--num-samples", "4", "--steps", "4", "--batch-size", "4", "--no-xtx",
+                     "--out", str(cal)]) == 0
+    out = tmp_path / "auto"
+    assert cli.main(["smooth", str(d), "--calib", str(cal), "--alpha", "auto", "--w-bits", "6", "--a-bits", "6",
+                     "--groups", "2", "--alphas", "0.25", "0.75", "--num-inputs", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "alpha per layer at W6A6" in printed and "lower" in printed
+    rep = json.loads((out / "smoothing.json").read_text())
+    sm = jaxquant.load(out)
+    assert rep["target"] == {"w_bits": 6, "a_bits": 6, "groups": 2, "act_method": "mse", "symmetric": False}
+    assert rep["criterion"] == "layer"
+    assert set(rep["layers"]) == set(_layers(sm))
+    for name, c in rep["layers"].items():
+        assert set(c["errors"]) == {"none", "0.25", "0.75"}
+        node = sm.params
+        for p in name.split("."):
+            node = node[p] if p in node else node
+        # a layer is smoothed exactly when a strength was chosen for it
+        assert c["alpha"] in (None, 0.25, 0.75)
+    smoothed = sum(is_channel_smooth(v) for v in jax.tree_util.tree_leaves(sm.params, is_leaf=is_channel_smooth))
+    assert smoothed == sum(c["alpha"] is not None for c in rep["layers"].values())
+    assert cli.main(["smooth", str(d), "--calib", str(cal), "--alpha", "auto", "--out", str(tmp_path / "b")]) == 2
+    assert "--a-bits" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["smooth", str(d), "--calib", str(cal), "--alpha", "half", "--out", str(tmp_path / "c")])
+
+
+def test_quality_table_names_per_layer_smoothing_by_its_target():
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args, smooth_args, smooth_suffix
+
+    cfg = parse_config("rd-w6a6-g10-smauto")
+    assert cfg["smooth"] == "auto" and smooth_suffix(cfg) == "-smauto-w6a6-g10"
+    assert smooth_args("m", cfg, Path("cal"), Path("w/sm")) == [
+        "smooth", "m", "--calib", "cal", "--alpha", "auto", "--out", "w/sm",
+        "--w-bits", "6", "--a-bits", "6", "--groups", "10"]
+    argv = quantize_args("w/sm", cfg, Path("c"), Path("w/q"))
+    assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-smauto-w6a6-g10"))
+    assert smooth_args("m", parse_config("uniform-w8a8-sm50"), Path("cal"), Path("o"))[4:6] == ["--alpha", "0.5"]
+    assert smooth_suffix(parse_config("aq-w4a8-ft100-smauto-mm")) == "-smauto-w4a8-g1"
+    assert smooth_args("m", parse_config("aq-w4a8-smauto-mm"), Path("c"), Path("o"))[-2:] == ["--act-method", "minmax"]
+    model_cfg = parse_config("uniform-w6a6-g10-smautom")
+    assert smooth_suffix(model_cfg) == "-smautom-w6a6-g10"
+    assert smooth_args("m", model_cfg, Path("c"), Path("o"))[-4:] == ["--criterion", "model", "--num-inputs", "40"]
+    with pytest.raises(SystemExit, match="activations"):
+        smooth_args("m", parse_config("uniform-w4af-smauto"), Path("c"), Path("o"))
