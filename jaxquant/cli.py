@@ -541,6 +541,12 @@ def _cmd_smooth(args: argparse.Namespace) -> int:
           + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     print(f"summed relative {cfg.criterion} error {unsmoothed:.4g} unsmoothed -> {chosen:.4g} chosen "
           f"({unsmoothed / max(chosen, 1e-30):.2f}x lower)")
+    if not args.no_plots:
+        from jaxquant.search.plots import plot_smoothing
+
+        png = plot_smoothing(choices, Path(args.out) / "smoothing.png",
+                             f"smoothing per layer at W{args.w_bits}A{args.a_bits}, {cfg.criterion} error")
+        print(f"plot: {png}")
     print(f"wrote {args.out} (choices in {Path(args.out) / 'smoothing.json'}): a float model with smoothed layer "
           f"inputs; calibrate it anew before quantizing")
     return 0
@@ -689,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: score a candidate by the error of the layer's own output, or of the model's output "
                          "with only that layer smoothed and quantized (a forward pass per candidate and step)")
     sm.add_argument("--num-inputs", type=int, default=64, help="auto: calibration inputs the layers are scored on")
+    sm.add_argument("--no-plots", action="store_true", help="auto: do not write OUT/smoothing.png")
     sm.add_argument("--seed", type=int, default=0, help="auto: which inputs and values are used")
     sm.add_argument("--rules", default=None, help="YAML rules: the layers they quantize are smoothed "
                                                   "(default: all but the first and last layer)")

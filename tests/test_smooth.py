@@ -317,6 +317,7 @@ def test_cli_smooth_auto_writes_choices(tiny, tmp_path, capsys):
     sm = jaxquant.load(out)
     assert rep["target"] == {"w_bits": 6, "a_bits": 6, "groups": 2, "act_method": "mse", "symmetric": False}
     assert rep["criterion"] == "layer"
+    assert (out / "smoothing.png").stat().st_size > 0
     assert set(rep["layers"]) == set(_layers(sm))
     for name, c in rep["layers"].items():
         assert set(c["errors"]) == {"none", "0.25", "0.75"}

@@ -1,4 +1,4 @@
-"""Plots of rate–distortion curves, bit allocations and the additivity check (matplotlib, Agg)."""
+"""Plots of rate–distortion curves, bit allocations, the additivity check and per-layer smoothing choices (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -99,4 +99,39 @@ def plot_additivity(add, path: str | os.PathLike) -> Path:
     ax.set_title(f"additivity: R² = {add.r2:.3f}, R² (log) = {add.r2_log:.3f}")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def plot_smoothing(choices: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """Per-layer smoothing choices (:func:`jaxquant.quant.smooth.search_alphas`): the
+    chosen strength of every layer in network order (grey: left unsmoothed), and each
+    layer's error against the strength, relative to its unsmoothed error (log scale)."""
+    plt = _pyplot()
+    names = list(choices)
+    if not names:
+        raise ConfigError("no smoothing choices to plot")
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    x = np.arange(len(names))
+    chosen = [c.alpha for c in choices.values()]
+    ax0.bar(x, [a if a is not None else 0.0 for a in chosen], color=["C0" if a is not None else "0.7" for a in chosen])
+    ax0.scatter(x[[a is None for a in chosen]], np.zeros(sum(a is None for a in chosen)), marker="x", color="0.4",
+                label="not smoothed", zorder=3)
+    ax0.set_xticks(x)
+    ax0.set_xticklabels(names, rotation=90, fontsize=5)
+    ax0.set_ylabel("chosen alpha")
+    ax0.set_ylim(-0.05, 1.05)
+    if any(a is None for a in chosen):
+        ax0.legend(loc="upper right", fontsize=8)
+    cmap = plt.get_cmap("viridis")
+    for i, c in enumerate(choices.values()):
+        alphas = sorted(a for a in c.errors if a is not None)
+        rel = [c.errors[a] / c.errors[None] if c.errors[None] > 0 else np.nan for a in alphas]
+        ax1.plot(alphas, rel, color=cmap(i / max(len(names) - 1, 1)), lw=0.8, alpha=0.8)
+    ax1.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("alpha")
+    ax1.set_ylabel("error / unsmoothed error")
+    ax1.set_title("a line per layer (colour: network order)", fontsize=9)
+    if title:
+        fig.suptitle(title)
     return _save(plt, fig, path)
