@@ -429,9 +429,11 @@ class _ModelScore:
 
 def search_alphas(model, calib, cfg: AlphaSearchConfig, rules=None, act_absmax: dict[str, np.ndarray] | None = None,
                   progress: bool = True) -> dict[str, LayerAlpha]:
-    """Per layer, the smoothing strength (or none) that minimises the layer's output
-    error under the target quantizers (:func:`score_alphas`), on ``cfg.num_inputs``
-    inputs recorded from the calibration's trajectories, spread over its steps.
+    """Per layer, the smoothing strength (or none) with the smallest error under the
+    target quantizers: of the layer's own output (``cfg.criterion == "layer"``,
+    :func:`score_alphas`) or of the model's output with that layer alone smoothed and
+    quantized ("model"), on ``cfg.num_inputs`` inputs recorded from the calibration's
+    trajectories, spread over its steps (at most all of them).
 
     ``act_absmax`` are the factors' channel maxima over the whole calibration, as
     :func:`smooth_model` uses them (computed when not given). Returns ``{layer:
@@ -447,7 +449,7 @@ def search_alphas(model, calib, cfg: AlphaSearchConfig, rules=None, act_absmax: 
     if act_absmax is None:
         act_absmax = channel_absmax(model, calib, layers, progress=progress)
     S, N = calib.inputs.shape[:2]
-    per_step = max(1, math.ceil(cfg.num_inputs / S))
+    per_step = min(N, max(1, math.ceil(cfg.num_inputs / S)))
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(N)
     # Step s takes the next per_step trajectories in a shuffled order, so the rows cover
