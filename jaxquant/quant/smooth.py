@@ -72,6 +72,11 @@ def is_channel_smooth(x: Any) -> bool:
     return isinstance(x, ChannelSmooth)
 
 
+def _labels(calib) -> np.ndarray:
+    """The calibration trajectories' class labels (zeros for an unconditional model)."""
+    return calib.labels if calib.labels is not None else np.zeros((calib.inputs.shape[1],), np.int32)
+
+
 def channel_absmax(model, calib, layers: Sequence[str], batch_size: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
     """``{layer: max |x_j| per input channel}`` over the calibration's inputs and steps.
 
@@ -97,7 +102,7 @@ def channel_absmax(model, calib, layers: Sequence[str], batch_size: int = 32, pr
                 for n in wanted}
 
     S, N = calib.inputs.shape[:2]
-    labels = calib.labels if calib.labels is not None else np.zeros((N,), np.int32)
+    labels = _labels(calib)
     out: dict[str, np.ndarray] = {}
     starts = range(0, N, batch_size)
     bar = tqdm(total=S * len(starts), desc="channel ranges", unit="batch", disable=not progress)
@@ -279,8 +284,7 @@ def _record_inputs(model, calib, layers: Sequence[str], rows: list[tuple[int, np
         acts = capture(params, x, t, y)
         return {n: acts[n].astype(jnp.float32) for n in wanted}
 
-    N = calib.inputs.shape[1]
-    labels = calib.labels if calib.labels is not None else np.zeros((N,), np.int32)
+    labels = _labels(calib)
     got: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
     for s, idx in rows:
         x = jnp.asarray(calib.inputs[s, idx])
@@ -401,8 +405,7 @@ class _ModelScore:
         eps_fn, _ = _model_fns(model, calib.config.cfg_scale)
         T = model.schedule.num_train_timesteps
         self.fwd = xla.jit(lambda p, x, t, y: eps_fn(at_timesteps(p, t, T), x, t, y))
-        N = calib.inputs.shape[1]
-        labels = calib.labels if calib.labels is not None else np.zeros((N,), np.int32)
+        labels = _labels(calib)
         # one call per step: a call's activation ranges are those of its first timestep's group
         self.batches = [(jnp.asarray(calib.inputs[s, idx]), jnp.full((len(idx),), int(calib.timesteps[s]), jnp.int32),
                          jnp.asarray(labels[idx], jnp.int32)) for s, idx in rows]
