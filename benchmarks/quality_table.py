@@ -37,6 +37,8 @@ Configurations are short names:
                             smoothed-smauto-w6a6-g10, calib-g10-smauto-w6a6-g10; -smautom: scored by
                             the model's output error with one layer at a time (--criterion model,
                             40 inputs)
+    uniform-w6a6-gptq       weight codes by sequential rounding with error feedback on the
+                            calibration's XᵀX (--gptq; rd: curves kept apart, rd-curves-gG-...-gptq)
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -72,7 +74,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -99,6 +101,8 @@ def parse_config(name: str) -> dict:
             cfg["weighting"] = "sensitivity" if part == "sens" else "count"
         elif part == "mm":
             cfg["act_method"] = "minmax"
+        elif part == "gptq" and m["method"] in ("uniform", "rd"):
+            cfg["gptq"] = True
         elif re.fullmatch(r"sm\d\d", part):
             cfg["smooth"] = int(part[2:]) / 100
         elif part in ("smauto", "smautom"):
@@ -148,7 +152,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         # (and lookahead, trajectory and features, which change what is measured)
         la, feat, traj = cfg.get("lookahead"), cfg.get("features"), cfg.get("trajectory")
         curves = (f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-traj" if traj else "")
-                  + ("-feat" if feat else "") + smooth_suffix(cfg) + ("-mm" if cfg.get("act_method") == "minmax" else ""))
+                  + ("-feat" if feat else "") + smooth_suffix(cfg) + ("-mm" if cfg.get("act_method") == "minmax" else "")
+                  + ("-gptq" if cfg.get("gptq") else ""))
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
         if la is not None:
             argv += ["--rd-lookahead", str(la)]
@@ -162,6 +167,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("act_method"):
         argv += ["--act-method", cfg["act_method"]]
+    if cfg.get("gptq"):
+        argv += ["--gptq"]
     if cfg.get("finetune_steps"):
         argv += ["--finetune-steps", str(cfg["finetune_steps"])]
     if cfg.get("code_update_every"):

@@ -299,6 +299,23 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_gptq_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gptq", action="store_true",
+                   help="uniform, rd: choose weight codes by sequential rounding with error feedback on the "
+                        "calibration's XᵀX (GPTQ) instead of rounding to nearest; same size, needs a calibration "
+                        "with XᵀX")
+    p.add_argument("--gptq-damp", type=float, default=0.01, metavar="D",
+                   help="--gptq: D · mean(diag XᵀX) added to the diagonal (default 0.01)")
+
+
+def _weight_config(args: argparse.Namespace, **kw):
+    """The uniform weight quantizer the flags describe (``bits`` from ``kw``, if any)."""
+    from jaxquant.quant.uniform import WeightQuantConfig
+
+    return WeightQuantConfig(symmetric=args.symmetric, group_size=args.group_size, error_feedback=args.gptq,
+                             damp=args.gptq_damp, **kw)
+
+
 def _add_rd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distortion", choices=["mse", "mse+ssim"], default="mse",
                    help="rd: output distortion, normalised MSE or MSE + (1 - SSIM) (seed 002)")
@@ -351,16 +368,17 @@ def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
 
     if args.w_bits != int(args.w_bits):
         raise JaxquantError(f"--method uniform needs an integer --w-bits (got {args.w_bits}); aq and rd take averages")
-    wcfg = WeightQuantConfig(bits=int(args.w_bits), symmetric=args.symmetric, group_size=args.group_size)
+    wcfg = _weight_config(args, bits=int(args.w_bits))
     acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
-    calib = _load_or_calibrate(args, model, xtx=False) if acfg.bits is not None else None
+    calib = (_load_or_calibrate(args, model, xtx=wcfg.error_feedback)
+             if acfg.bits is not None or wcfg.error_feedback else None)
     params = quantize_uniform(model, calib, wcfg, acfg, rules)
     return params, {
         "method": "uniform", "w_bits": int(args.w_bits), "a_bits": args.a_bits,
         "timestep_groups": calib.config.groups if calib else None, "symmetric": args.symmetric,
         "group_size": args.group_size, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
-        "rules": args.rules}
+        "gptq": args.gptq, "gptq_damp": args.gptq_damp if args.gptq else None, "rules": args.rules}
 
 
 #: ``jaxquant quantize --method M``: fn(args, model) -> (quantized params, manifest dict).
@@ -436,7 +454,7 @@ def _rd_configs(args: argparse.Namespace, a_bits):
     from jaxquant.quant.uniform import WeightQuantConfig
     from jaxquant.search.rd import CurveConfig
 
-    wcfg = WeightQuantConfig(symmetric=args.symmetric, group_size=args.group_size)
+    wcfg = _weight_config(args)
     acfg = None if a_bits is None else ActQuantConfig(bits=min(max(int(round(a_bits)), 4), 8), method=args.act_method,
                                                       softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
@@ -454,7 +472,7 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     from jaxquant.search.rd import quantize_model_rd
 
     wcfg, acfg, rules, ccfg = _rd_configs(args, args.a_bits)
-    calib = _load_or_calibrate(args, model, xtx=False)
+    calib = _load_or_calibrate(args, model, xtx=wcfg.error_feedback)
     report_dir = f"{str(args.out).rstrip('/')}.rd"
     curves_dir = args.curves or report_dir
     result = quantize_model_rd(model, calib, args.w_bits, args.a_bits, weights=wcfg, acts=acfg, rules=rules,
@@ -468,6 +486,7 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     return result.params, {
         "method": "rd", "w_bits": args.w_bits, "a_bits": args.a_bits, "distortion": args.distortion,
         "timestep_groups": calib.config.groups, "symmetric": args.symmetric, "group_size": args.group_size,
+        "gptq": args.gptq, "gptq_damp": args.gptq_damp if args.gptq else None,
         "act_method": args.act_method, "softmax_bits": args.softmax_bits, "rules": args.rules,
         "rd_inputs": args.rd_inputs, "rd_min_w_bits": args.rd_min_w_bits,
         "rd_lookahead": ccfg.lookahead, "rd_features": args.rd_features,
@@ -559,7 +578,7 @@ def _cmd_rd_curves(args: argparse.Namespace) -> int:
 
     model = jaxquant.load(args.model)
     wcfg, acfg, rules, ccfg = _rd_configs(args, None if args.weights_only else 8)
-    calib = _load_or_calibrate(args, model, xtx=False)
+    calib = _load_or_calibrate(args, model, xtx=wcfg.error_feedback)
     problem = RDProblem(model, calib, wcfg, acfg, rules, ccfg)
     curves = compute_curves(problem, args.out)
     png = plots.plot_curves(curves, Path(args.out) / "curves.png", args.distortion)
@@ -711,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation bits (4..8, or 'none' to keep activations float)")
     qz.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")
     qz.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
+    _add_gptq_args(qz)
     qz.add_argument("--act-method", choices=["mse", "percentile", "minmax"], default="mse")
     qz.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
     _add_rd_args(qz)
@@ -764,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     rdc.add_argument("--rules", default=None, help="YAML rules choosing the layers (their bits are ignored)")
     rdc.add_argument("--symmetric", action="store_true", help="symmetric weight quantizer (default asymmetric)")
     rdc.add_argument("--group-size", type=int, default=None, help="weights per scale (default: per output channel)")
+    _add_gptq_args(rdc)
     rdc.add_argument("--act-method", choices=["mse", "percentile", "minmax"], default="mse")
     rdc.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
     rdc.add_argument("--weights-only", action="store_true", help="no activation sites")

@@ -295,3 +295,86 @@ def test_minmax_activation_ranges_cover_every_calibrated_value(model_dir, calib)
     np.testing.assert_array_equal(hi2[:, 0], np.max(calib.hi[split_site], axis=1))
     with pytest.raises(ConfigError, match="extremes"):
         act_quantizer(np.asarray(calib.samples[name]), 6, ActQuantConfig(6, method="minmax"))
+
+
+def _numpy_obs_codes(w, scale, zero, bits, h, damp):
+    """Reference for error-feedback rounding, written the long way (optimal brain surgeon
+    with an explicit inverse, no Cholesky): round column i, spread its error with row i of
+    H⁻¹, then eliminate i from H⁻¹."""
+    w = np.array(w, np.float64)
+    out, k = w.shape
+    h = np.array(h, np.float64) + damp * np.mean(np.diag(h)) * np.eye(k)
+    hinv = np.linalg.inv(h)
+    s = np.asarray(scale, np.float32).astype(np.float64)[:, 0]
+    z = np.asarray(zero, np.float64)[:, 0]
+    codes = np.zeros((out, k), np.int64)
+    for i in range(k):
+        q = np.clip(np.round(w[:, i] / s) + z, 0, 2 ** bits - 1)
+        codes[:, i] = q
+        err = (w[:, i] - (q - z) * s) / hinv[i, i]
+        w[:, i + 1:] -= np.outer(err, hinv[i, i + 1:])
+        hinv = hinv - np.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
+    return codes
+
+
+def test_error_feedback_rounding_matches_the_long_way_and_beats_nearest():
+    from jaxquant.quant.uniform import as_matrix
+
+    rng = np.random.default_rng(0)
+    k, out, n = 72, 16, 2000
+    x = rng.normal(size=(n, k)) @ (np.eye(k) + 2 * rng.normal(size=(k, k)) / np.sqrt(k))
+    h = x.T @ x
+    kernel = rng.normal(size=(3, 3, 8, out)).astype(np.float32)
+    w = np.asarray(as_matrix(jnp.asarray(kernel)))
+    for bits in (3, 6):
+        rtn = quantize_weight(kernel, WeightQuantConfig(bits=bits, packed=False))
+        ef = quantize_weight(kernel, WeightQuantConfig(bits=bits, packed=False, error_feedback=True), h)
+        np.testing.assert_array_equal(np.asarray(ef.scale), np.asarray(rtn.scale))  # only the codes change
+        ref = _numpy_obs_codes(w, rtn.scale, rtn.zero, bits, h, 0.01)
+        assert np.mean(np.asarray(ef.int_codes()) == ref) > 0.99
+
+        def out_err(qw):
+            d = np.asarray(as_matrix(qw.dequantize()), np.float64) - w
+            return float(np.trace(d @ h @ d.T))
+        assert out_err(ef) < 0.75 * out_err(rtn)
+    # with uncorrelated inputs there is nothing to feed back: round to nearest exactly
+    diag = np.diag(np.diag(h))
+    for sym in (False, True):
+        a = quantize_weight(kernel, WeightQuantConfig(bits=4, symmetric=sym, error_feedback=True), diag)
+        b = quantize_weight(kernel, WeightQuantConfig(bits=4, symmetric=sym))
+        np.testing.assert_array_equal(np.asarray(a.int_codes()), np.asarray(b.int_codes()))
+    with pytest.raises(ConfigError, match="XᵀX"):
+        quantize_weight(kernel, WeightQuantConfig(bits=4, error_feedback=True))
+    with pytest.raises(ConfigError, match="does not fit"):
+        quantize_weight(kernel, WeightQuantConfig(bits=4, error_feedback=True), np.eye(5))
+
+
+def test_cli_gptq_lowers_every_layers_weighted_error(model_dir, calib, tmp_path, capsys):
+    from jaxquant.quant.uniform import as_matrix
+    from jaxquant.search.rd import _form
+
+    assert "error_feedback" not in _form(WeightQuantConfig())  # curves stored before --gptq keep their name
+    cal = calib_mod.save_calibration(calib, tmp_path / "cal")
+    dirs = {}
+    for flag in ([], ["--gptq"]):
+        dirs[bool(flag)] = tmp_path / ("gptq" if flag else "rtn")
+        assert cli.main(["quantize", str(model_dir), "--w-bits", "3", "--a-bits", "none", "--calib", str(cal),
+                         *flag, "--out", str(dirs[bool(flag)])]) == 0
+    m = jaxquant.load(model_dir)
+    rtn, ef = (layer_kernels(jaxquant.load(dirs[f]).params) for f in (False, True))
+    assert storage_report(jaxquant.load(dirs[True]).params).total_bytes == \
+        storage_report(jaxquant.load(dirs[False]).params).total_bytes
+    ratios = []
+    for name, w in layer_kernels(m.params).items():
+        if not hasattr(rtn[name], "bits"):
+            continue
+        h, wm = np.asarray(calib.xtx[name], np.float64), np.asarray(as_matrix(jnp.asarray(w)), np.float64)
+        e = [float(np.trace(d @ h @ d.T)) for d in
+             (np.asarray(as_matrix(q[name].dequantize()), np.float64) - wm for q in (rtn, ef))]
+        ratios.append(e[1] / e[0])
+    assert ratios and max(ratios) < 1.0 and np.mean(ratios) < 0.8
+    nox = tmp_path / "noxtx"
+    assert cli.main(["calibrate", str(model_dir), "--num-samples", "4", "--steps", "2", "--batch-size", "4",
+                     "--no-xtx", "--out", str(nox)]) == 0
+    assert cli.main(["quantize", str(model_dir), "--w-bits", "3", "--gptq", "--calib", str(nox),
+                     "--out", str(tmp_path / "x")]) == 2

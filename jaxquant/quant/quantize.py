@@ -98,8 +98,24 @@ def quantize_uniform(
     kernels = layer_kernels(model.params)
     plan = resolve(kernels, rules)
     bar = (lambda it: tqdm(it, desc="quantize weights", unit="layer")) if progress else None
-    params = apply_plan(model.params, plan, lambda name, k, c: quantize_weight(k, c), progress=bar)
+    xtx = weight_statistics(calib, plan)
+    params = apply_plan(model.params, plan, lambda name, k, c: quantize_weight(k, c, xtx.get(name)), progress=bar)
     return attach_act_quantizers(model, calib, params, plan, acts)
+
+
+def weight_statistics(calib, plan: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``{layer: XᵀX}`` for the planned layers whose quantizer uses error feedback
+    (:attr:`WeightQuantConfig.error_feedback`); raises if the calibration lacks them."""
+    need = [n for n, c in plan.items() if getattr(c, "error_feedback", False)]
+    if not need:
+        return {}
+    if calib is None or not calib.xtx:
+        raise ConfigError("error feedback (GPTQ) needs a calibration with XᵀX statistics "
+                          "(jaxquant calibrate without --no-xtx)")
+    missing = [n for n in need if n not in calib.xtx]
+    if missing:
+        raise ConfigError(f"the calibration has no XᵀX of layers {missing[:5]}: was it made with this model?")
+    return {n: calib.xtx[n] for n in need}
 
 
 def attach_act_quantizers(model, calib, params: dict, plan: dict[str, Any], acts: ActQuantConfig | None) -> dict:

@@ -10,6 +10,13 @@ zero point.
 Codes are unsigned integers in ``[0, 2**bits)``; the value is ``scale * (code - zero)``
 with ``zero = 2**(bits-1)`` for the symmetric form. The clipping range of each group is
 chosen by a grid search minimising the squared error (``clip_search``).
+
+With ``error_feedback`` the codes are not rounded to nearest but chosen one input column
+at a time, each column's rounding error pushed onto the columns not yet rounded so as to
+minimise the layer's output error ``‖(W − Q)·X‖²`` on the calibration inputs, given their
+second moments ``XᵀX`` (the optimal brain surgeon update, in the column order and form of
+GPTQ, Frantar et al. 2023). Scales and zero points are those of the clipping search; only
+the codes change, so the stored form and its size are the same.
 """
 
 from __future__ import annotations
@@ -151,6 +158,9 @@ class WeightQuantConfig:
       clip_search: number of clipping ratios tried in ``[clip_min, 1]`` (1 = no search).
       clip_min: smallest ratio of the range tried.
       packed: store bit-packed codes (else one uint8 per code, the "fake" form).
+      error_feedback: choose the codes by sequential rounding with error feedback on the
+        layer's input statistics ``XᵀX`` (GPTQ); needs ``xtx`` in :func:`quantize_weight`.
+      damp: with ``error_feedback``, ``damp · mean(diag XᵀX)`` is added to the diagonal.
     """
 
     bits: int = 4
@@ -159,19 +169,25 @@ class WeightQuantConfig:
     clip_search: int = 40
     clip_min: float = 0.3
     packed: bool = True
+    error_feedback: bool = False
+    damp: float = 0.01
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"weight bits must be 2..8, got {self.bits}")
+        if not self.damp > 0:
+            raise ConfigError(f"damp must be positive, got {self.damp}")
         if self.clip_search < 1 or not 0 < self.clip_min <= 1:
             raise ConfigError("clip_search must be ≥ 1 and clip_min in (0, 1]")
 
 
-def quantize_weight(kernel: Any, cfg: WeightQuantConfig) -> UniformWeight:
+def quantize_weight(kernel: Any, cfg: WeightQuantConfig, xtx: Any = None) -> UniformWeight:
     """Quantize a float kernel (HWIO conv or ``[in, out]`` dense) uniformly.
 
     For every group the clipping ratio ``r`` (range ``r·[min, max]``) minimising the
-    squared error of the group is chosen among ``cfg.clip_search`` candidates.
+    squared error of the group is chosen among ``cfg.clip_search`` candidates. With
+    ``cfg.error_feedback`` the codes are then chosen by :func:`error_feedback_codes` on
+    ``xtx`` (``[K, K]``, the layer's calibration ``XᵀX`` in :func:`as_matrix` order).
     """
     kernel = jnp.asarray(kernel, jnp.float32)
     if not bool(jnp.all(jnp.isfinite(kernel))):
@@ -182,6 +198,11 @@ def quantize_weight(kernel: Any, cfg: WeightQuantConfig) -> UniformWeight:
     gs = cfg.group_size or k
     if k % gs:
         raise ConfigError(f"group_size {gs} does not divide the {k} weights per output channel of shape {shape}")
+    if cfg.error_feedback:
+        if xtx is None:
+            raise ConfigError("error_feedback needs the layer's XᵀX (a calibration made with XᵀX statistics)")
+        if tuple(np.shape(xtx)) != (k, k):
+            raise ConfigError(f"XᵀX of shape {tuple(np.shape(xtx))} does not fit a kernel with K = {k}")
     wg = w.reshape(out, k // gs, gs)
     lo, hi = wg.min(-1), wg.max(-1)
     ratios = (jnp.linspace(cfg.clip_min, 1.0, cfg.clip_search) if cfg.clip_search > 1
@@ -194,5 +215,64 @@ def quantize_weight(kernel: Any, cfg: WeightQuantConfig) -> UniformWeight:
     errs = jax.lax.map(err, ratios)  # [n_ratios, out, groups]; one ratio at a time bounds memory
     best = ratios[jnp.argmin(errs, axis=0)]
     codes, scale, zero, _ = _fake_quant_groups(wg, lo * best, hi * best, cfg.bits, cfg.symmetric)
-    qw = UniformWeight(codes.reshape(out, k).astype(jnp.uint8), scale, zero, cfg.bits, shape, gs, packed=False)
+    codes = codes.reshape(out, k)
+    if cfg.error_feedback:
+        codes = error_feedback_codes(w, scale, zero, gs, cfg.bits, xtx, cfg.damp)
+    qw = UniformWeight(codes.astype(jnp.uint8), scale, zero, cfg.bits, shape, gs, packed=False)
     return qw.to_packed() if cfg.packed else qw
+
+
+def _inverse_cholesky(xtx: Any, damp: float) -> np.ndarray:
+    """Upper ``U`` with ``Uᵀ U = (XᵀX + λI)⁻¹`` (float64); inputs never seen get a unit diagonal."""
+    h = np.array(xtx, np.float64)
+    h = (h + h.T) / 2
+    dead = np.diag(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    inv_lower = np.linalg.solve(np.linalg.cholesky(h), np.eye(len(h)))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
+    return np.linalg.cholesky(inv_lower.T @ inv_lower).T
+
+
+def error_feedback_codes(w: Any, scale: Any, zero: Any, group_size: int, bits: int, xtx: Any,
+                         damp: float = 0.01) -> jax.Array:
+    """Codes ``[out, K]`` of ``w`` (``[out, K]``) with fixed per-group ``scale`` (and
+    ``zero``; ``None`` for the symmetric form), rounded one column at a time with each
+    column's error spread over the later columns: with ``U`` the upper Cholesky factor
+    of ``(XᵀX + λI)⁻¹``, ``W[:, j] -= (w_i − q_i) / U_ii · U_ij`` for ``j > i`` (GPTQ).
+
+    Greedily minimises ``‖(W − Q)·X‖²``; equal to round-to-nearest when ``XᵀX`` is diagonal.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    symmetric = zero is None
+    qmin, qmax = _qrange(bits, symmetric)
+    s = jnp.asarray(scale).astype(jnp.float32)
+    s = jnp.repeat(jnp.where(s == 0, 1.0, s), group_size, axis=1)  # [out, K]
+    if symmetric:
+        z = jnp.zeros_like(s)
+    else:
+        z = jnp.repeat(jnp.asarray(zero).astype(jnp.float32), group_size, axis=1)
+    u = jnp.asarray(_inverse_cholesky(xtx, damp), jnp.float32)
+    limits = jnp.asarray([qmin, qmax, 2 ** (bits - 1) if symmetric else 0], jnp.float32)
+    return _sequential_round(w, s, z, u, limits)
+
+
+@jax.jit
+def _sequential_round(w, s, z, u, limits):
+    """``limits``: ``[qmin, qmax, offset]``; symmetric codes are stored with ``offset =
+    2**(bits-1)`` added (see the module docstring). Traced, so one compilation per shape."""
+    qmin, qmax, offset = limits[0], limits[1], limits[2]
+    def body(i, carry):
+        w, codes = carry
+        wi = jax.lax.dynamic_index_in_dim(w, i, axis=1, keepdims=False)
+        si = jax.lax.dynamic_index_in_dim(s, i, axis=1, keepdims=False)
+        zi = jax.lax.dynamic_index_in_dim(z, i, axis=1, keepdims=False)
+        q = jnp.clip(jnp.round(wi / si) + zi, qmin, qmax)
+        err = (wi - (q - zi) * si) / u[i, i]
+        w = w - err[:, None] * u[i][None, :]
+        codes = jax.lax.dynamic_update_index_in_dim(codes, (q + offset).astype(jnp.int32), i, axis=1)
+        return w, codes
+
+    _, codes = jax.lax.fori_loop(0, w.shape[1], body, (w, jnp.zeros(w.shape, jnp.int32)))
+    return codes

@@ -107,7 +107,8 @@ from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.quant import dispatch
 from jaxquant.quant.accounting import leaf_storage
 from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant
-from jaxquant.quant.quantize import ActQuantConfig, _projections_quantized, act_quantizer, site_extremes
+from jaxquant.quant.quantize import (ActQuantConfig, _projections_quantized, act_quantizer, site_extremes,
+                                     weight_statistics)
 from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, apply_plan, default_rules, layer_kernels, resolve
 from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig, quantize_weight
 from jaxquant.search.distortion import DISTORTIONS, SSIMConfig, distortion, output_stats
@@ -289,6 +290,7 @@ class RDProblem:
         self.layer_configs = {n: c for n, c in resolve(self._kernels, self.rules).items() if c is not None}
         if not self.layer_configs:
             raise ConfigError("the rules leave no layer to quantize")
+        self._xtx = weight_statistics(calib, self.layer_configs)  # for error-feedback (GPTQ) weights
         self.sites = self._find_sites()
         if config.act_context is not None:
             self._check_context(config.act_context)
@@ -500,7 +502,7 @@ class RDProblem:
         key = (layer, int(bits))
         if key not in self._wq:
             cfg = dataclasses.replace(self.layer_configs[layer], bits=int(bits))
-            self._wq[key] = quantize_weight(self._kernels[layer], cfg)
+            self._wq[key] = quantize_weight(self._kernels[layer], cfg, self._xtx.get(layer))
         return self._wq[key]
 
     def weight_size(self, layer: str, bits: int) -> int:
@@ -591,10 +593,16 @@ def _take(arrays: Sequence[Any], idx: np.ndarray) -> tuple:
     return tuple(None if a is None else tuple(b[idx] for b in a) if isinstance(a, tuple) else a[idx] for a in arrays)
 
 
+#: Quantizer settings added after curves were first stored, at their defaults: left out of
+#: a form, so curves made before them keep their fingerprint.
+_LATER_FORM_DEFAULTS = {"error_feedback": False, "damp": 0.01}
+
+
 def _form(cfg: Any) -> str:
     """A quantizer config without its ``bits`` (RD chooses those): what curves depend on."""
     if dataclasses.is_dataclass(cfg):
-        return repr({k: v for k, v in dataclasses.asdict(cfg).items() if k != "bits"})
+        return repr({k: v for k, v in dataclasses.asdict(cfg).items()
+                     if k != "bits" and _LATER_FORM_DEFAULTS.get(k, _NO) != v})
     return repr(cfg)
 
 
