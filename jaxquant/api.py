@@ -61,12 +61,12 @@ class Model:
     def apply(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
         """Pure forward pass ``f(params, x, t, y)``; use this inside your own jit/vmap.
 
-        Activation quantizers with several timestep groups use the group of ``t[0]``
-        (the group travels with the call; see :mod:`jaxquant.quant.activation`).
+        Activation quantizers and bias corrections with several timestep groups use the
+        group of ``t[0]`` (the group travels with the call; see :mod:`jaxquant.quant.activation`).
         """
-        from jaxquant.quant.activation import at_timesteps, has_act_quant
+        from jaxquant.quant.activation import at_timesteps, has_grouped
 
-        if has_act_quant(params):
+        if has_grouped(params):
             params = at_timesteps(params, t, self.schedule.num_train_timesteps)
         return self.module.apply({"params": params}, x, t, y)
 

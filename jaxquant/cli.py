@@ -571,6 +571,34 @@ def _cmd_smooth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bias_correct(args: argparse.Namespace) -> int:
+    import json
+
+    import jaxquant
+    from jaxquant.calib import load_calibration
+    from jaxquant.io.model_dir import save_model_dir
+    from jaxquant.quant.accounting import storage_report
+    from jaxquant.quant.bias_correction import BiasCorrectionConfig, bias_correct
+
+    qmodel = jaxquant.load(args.model)
+    source = args.float or qmodel.meta.extra.get("quantized", {}).get("source")
+    if not source:
+        raise JaxquantError(f"{args.model} does not name the float model it was quantized from; pass --float")
+    result = bias_correct(qmodel, jaxquant.load(source), load_calibration(args.calib),
+                          BiasCorrectionConfig(num_samples=args.samples, groups=args.groups,
+                                               chunk_rows=args.chunk_rows))
+    meta = qmodel.meta
+    meta.extra = {**meta.extra, "bias_correction": {"float": str(source), "calibration": str(args.calib),
+                                                    "samples": args.samples, "groups": result.groups}}
+    save_model_dir(args.out, meta, result.params)
+    (Path(args.out) / "bias_correction.json").write_text(json.dumps(result.to_json(), indent=1))
+    print(result.summary())
+    rep = storage_report(result.params)
+    print(f"wrote {args.out}: {rep.total_bytes} bytes, {rep.bits_per_weight:.3f} bits per weight overall "
+          f"(per-layer results in {Path(args.out) / 'bias_correction.json'})")
+    return 0
+
+
 def _cmd_rd_curves(args: argparse.Namespace) -> int:
     import jaxquant
     from jaxquant.search import plots
@@ -772,6 +800,20 @@ def build_parser() -> argparse.ArgumentParser:
     qz.set_defaults(groups=None)
     qz.add_argument("--out", required=True, help="output model directory")
     qz.set_defaults(fn=_cmd_quantize)
+
+    bc = sub.add_parser("bias-correct", help="add per-timestep-group bias corrections to a quantized model",
+                        description="Empirical bias correction (Nagel et al. 2019) per timestep group: each dense "
+                        "and conv layer's output is shifted so its mean over the calibration's inputs, per output "
+                        "channel, equals the float model's, layers corrected in execution order.")
+    bc.add_argument("model", help="quantized model directory")
+    bc.add_argument("--calib", required=True, help="calibration directory of the float model")
+    bc.add_argument("--float", default=None, help="the float model it was quantized from (default: the one its "
+                                                  "config.json names)")
+    bc.add_argument("--samples", type=int, default=64, help="calibration trajectories used at every step")
+    bc.add_argument("--groups", type=int, default=None, help="timestep groups (default: the calibration's)")
+    bc.add_argument("--chunk-rows", type=int, default=256, help="inputs per forward pass")
+    bc.add_argument("--out", required=True, help="output model directory")
+    bc.set_defaults(fn=_cmd_bias_correct)
 
     rdc = sub.add_parser("rd-curves", help="rate–distortion curves of every weight and activation site, and their plot",
                          description="Output distortion of the whole model when only one site (a layer's weights "

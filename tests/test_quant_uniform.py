@@ -1,7 +1,5 @@
 """Uniform quantizers, packing, activation quantizers, calibration and the quantize command."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,44 +9,13 @@ import jaxquant
 from jaxquant import cli
 from jaxquant.calib import CalibConfig, calibrate, load_calibration
 from jaxquant.calib import calibration as calib_mod
-from jaxquant.diffusion import ScheduleConfig
 from jaxquant.errors import ConfigError
-from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
-from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
 from jaxquant.quant import packing
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant, timestep_group
 from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
 from jaxquant.quant.rules import FIRST_LAST_LAYERS, Rule, default_rules, layer_kernels, load_rules, resolve
 from jaxquant.quant.uniform import WeightQuantConfig, quantize_weight
-
-TINY = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": None,
-    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cfg = UNet2DConfig.from_dict(TINY)
-    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
-    # Non-trivial norms and biases, so activations have structure.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    params = jax.tree_util.tree_unflatten(tree, leaves)
-    d = tmp_path_factory.mktemp("m") / "tiny"
-    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()), params)
-    return d
-
-
-@pytest.fixture(scope="module")
-def calib(model_dir):
-    m = jaxquant.load(model_dir)
-    return calibrate(m, CalibConfig(num_samples=8, steps=4, groups=2, batch_size=4, reservoir=512), progress=False)
-
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_packing_round_trips_with_exact_word_count(bits):

@@ -46,6 +46,13 @@ def _smoothed(module: nn.Module, x: jax.Array) -> jax.Array:
     return x if smooth is None else smooth(x)
 
 
+def _corrected_bias(module: nn.Module, bias: jax.Array | None) -> jax.Array | None:
+    """The layer's bias plus its bias correction (``bias_correction``, see
+    :mod:`jaxquant.quant.bias_correction`), if it has one."""
+    correction = optional_param(module, "bias_correction")
+    return bias if correction is None else correction.corrected(bias)
+
+
 class Dense(nn.Module):
     """Fully connected layer ``y = x W + b`` (``W`` stored ``[in, out]``)."""
 
@@ -58,6 +65,7 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _get_or_init(self, "kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = _get_or_init(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        bias = _corrected_bias(self, bias)
         x = _smoothed(self, x)
         record(self, "input", x)
         return dispatch.dense(x, kernel, bias, act_quant=optional_param(self, "input_quant"), dtype=self.dtype)
@@ -86,6 +94,7 @@ class Conv(nn.Module):
         k = self.kernel_size
         kernel = _get_or_init(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         bias = _get_or_init(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        bias = _corrected_bias(self, bias)
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))

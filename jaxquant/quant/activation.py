@@ -14,6 +14,10 @@ of up-block shortcuts, whose two halves have very different ranges.
 ``bits`` is one bit width for all groups, or a tuple with one bit width per timestep
 group (mixed precision chosen per group, :mod:`jaxquant.search.rd`); selecting a group
 then also selects its largest code (``qmax``), so the group index may stay traced.
+
+Other leaves that hold one value per timestep group (the bias corrections of
+:mod:`jaxquant.quant.bias_correction`) register with :func:`register_grouped` and are
+narrowed by the same :func:`at_timestep_group` / :func:`at_timesteps`.
 """
 
 from __future__ import annotations
@@ -132,9 +136,25 @@ def is_act_quant(x: Any) -> bool:
     return isinstance(x, ActQuant)
 
 
+#: Leaf types holding one entry per timestep group, each with ``num_groups`` and a
+#: traceable ``select(g)`` returning the one-group leaf of group ``g``.
+_GROUPED: list[type] = [ActQuant]
+
+
+def register_grouped(cls: type) -> None:
+    """Have :func:`at_timestep_group` and :func:`at_timesteps` narrow leaves of ``cls`` too."""
+    if cls not in _GROUPED:
+        _GROUPED.append(cls)
+
+
+def is_grouped(x: Any) -> bool:
+    """Whether ``x`` is a leaf with one entry per timestep group (see :func:`register_grouped`)."""
+    return isinstance(x, tuple(_GROUPED))
+
+
 def at_timestep_group(params: Any, g: jax.Array | int) -> Any:
-    """``params`` with every :class:`ActQuant` narrowed to timestep group ``g`` (traceable)."""
-    return jax.tree_util.tree_map(lambda a: a.select(g) if is_act_quant(a) else a, params, is_leaf=is_act_quant)
+    """``params`` with every per-group leaf (:class:`ActQuant`, …) narrowed to timestep group ``g`` (traceable)."""
+    return jax.tree_util.tree_map(lambda a: a.select(g) if is_grouped(a) else a, params, is_leaf=is_grouped)
 
 
 def timestep_group(t: jax.Array, num_groups: int, num_train_timesteps: int) -> jax.Array:
@@ -143,15 +163,20 @@ def timestep_group(t: jax.Array, num_groups: int, num_train_timesteps: int) -> j
 
 
 def at_timesteps(params: Any, t: jax.Array, num_train_timesteps: int) -> Any:
-    """``params`` with every :class:`ActQuant` narrowed to the group of timestep ``t[0]``.
+    """``params`` with every per-group leaf narrowed to the group of timestep ``t[0]``.
 
     Sampling feeds one timestep per call, so the first entry decides for the batch.
     """
     t0 = jnp.asarray(t).reshape(-1)[0]
     return jax.tree_util.tree_map(
-        lambda a: a.select(timestep_group(t0, a.num_groups, num_train_timesteps)) if is_act_quant(a) else a,
-        params, is_leaf=is_act_quant)
+        lambda a: a.select(timestep_group(t0, a.num_groups, num_train_timesteps)) if is_grouped(a) else a,
+        params, is_leaf=is_grouped)
 
 
 def has_act_quant(params: Any) -> bool:
     return any(is_act_quant(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_act_quant))
+
+
+def has_grouped(params: Any) -> bool:
+    """Whether ``params`` holds any per-timestep-group leaf (then calls must select a group)."""
+    return any(is_grouped(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_grouped))

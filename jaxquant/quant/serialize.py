@@ -22,7 +22,8 @@ the stored fields changes, and pass ``upgrade`` to keep reading the old versions
 naming a type or a version this jaxquant does not know raises
 :class:`~jaxquant.errors.CheckpointError` saying so, never a wrong model.
 
-Registered here: ``"uniform"`` v1 (:class:`~jaxquant.quant.uniform.UniformWeight`) and
+Registered here: ``"biascorr"`` v1 (:class:`~jaxquant.quant.bias_correction.BiasCorrection`),
+``"uniform"`` v1 (:class:`~jaxquant.quant.uniform.UniformWeight`) and
 ``"act"`` v2 (:class:`~jaxquant.quant.activation.ActQuant`, which adds parameters such
 as ``<layer>.input_quant`` rather than replacing one; v2 allows a tuple of per-group
 ``bits``, and quantizers with one bit width are still written as v1 so that older
@@ -414,6 +415,8 @@ def _register_builtin() -> None:
     register_container(AQWeight, "aq", 1, validate=validate_aq)
     from jaxquant.quant.smooth import ChannelSmooth
     register_container(ChannelSmooth, "smooth", 1, replaces_weight=False)
+    from jaxquant.quant.bias_correction import BiasCorrection, validate_bias_correction
+    register_container(BiasCorrection, "biascorr", 1, replaces_weight=False, validate=validate_bias_correction)
     if ActQuant not in _BY_CLASS:  # unless its module registered it itself
         # Activation quantizers add parameters (``<layer>.input_quant``, ``<attn>.q_quant``…).
         register_container(ActQuant, "act", 2, upgrade=_upgrade_act, validate=_validate_act,
