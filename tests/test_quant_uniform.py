@@ -345,3 +345,17 @@ def test_cli_gptq_lowers_every_layers_weighted_error(model_dir, calib, tmp_path,
                      "--no-xtx", "--out", str(nox)]) == 0
     assert cli.main(["quantize", str(model_dir), "--w-bits", "3", "--gptq", "--calib", str(nox),
                      "--out", str(tmp_path / "x")]) == 2
+
+
+def test_quality_table_names_for_gptq():
+    """``-gptq``: the flag, and RD curves kept apart from those of rounded-to-nearest weights."""
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args
+
+    argv = quantize_args("m", parse_config("rd-w6a6-g10-sm50-gptq"), Path("c"), Path("w/q"))
+    assert "--gptq" in argv and argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-sm50-gptq"))
+    assert "--gptq" in quantize_args("m", parse_config("uniform-w6a6-gptq"), Path("c"), Path("w/q"))
+    assert "--gptq" not in quantize_args("m", parse_config("uniform-w6a6"), Path("c"), Path("w/q"))
+    with pytest.raises(SystemExit):
+        parse_config("aq-w4a8-gptq")
