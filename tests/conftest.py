@@ -28,18 +28,26 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cfg = UNet2DConfig.from_dict(TINY)
-    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
-    # Non-trivial norms and biases, so activations have structure.
+def _jitter(params):
+    """Non-trivial norms and biases, so activations have structure."""
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    params = jax.tree_util.tree_unflatten(tree, leaves)
-    d = tmp_path_factory.mktemp("m") / "tiny"
-    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()), params)
+    return jax.tree_util.tree_unflatten(tree, [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+
+
+def build_tiny(d, perturb=_jitter, **overrides):
+    """Save a random tiny UNet (``TINY`` with ``overrides``; parameters from key 0, then
+    ``perturb``) as a model directory ``d`` with a 100-step schedule; returns ``d``."""
+    cfg = UNet2DConfig.from_dict({**TINY, **overrides})
+    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
+    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()),
+                   perturb(params))
     return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("m") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,7 @@ import jaxquant
 from jaxquant import cli
 from jaxquant.calib import CalibConfig, calibrate
 from jaxquant.calib.calibration import save_calibration
-from jaxquant.diffusion import ScheduleConfig
 from jaxquant.errors import CheckpointError, ConfigError
-from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
-from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
 from jaxquant.quant import aq_model
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.activation import ActQuant
@@ -33,12 +30,8 @@ from jaxquant.quant.aq_model import (AQConfig, block_of, block_output_error, blo
 from jaxquant.quant.quantize import ActQuantConfig
 from jaxquant.quant.rules import Rule, _copy_dicts, layer_kernels
 
-TINY = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": None,
-    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
-}
+from conftest import build_tiny
+
 QUANTIZED = r"time_embedding\.linear_2|(down_blocks\.1|mid_block)\..*"
 RULES = [Rule(QUANTIZED, "auto"), Rule(r".*", None)]
 TARGET = 3.0
@@ -49,14 +42,7 @@ FT_STEPS = 4
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = UNet2DConfig.from_dict(TINY)
-    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
-    d = tmp_path_factory.mktemp("aq") / "tiny"
-    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()), params)
-    return d
+    return build_tiny(tmp_path_factory.mktemp("aq") / "tiny", block_out_channels=[16, 16])
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ import jaxquant
 from jaxquant import cli
 from jaxquant.calib import CalibConfig, calibrate
 from jaxquant.calib.calibration import _model_fns
-from jaxquant.diffusion import ScheduleConfig
 from jaxquant.errors import ConfigError
-from jaxquant.io.model_dir import ModelDirMeta, save_model_dir
-from jaxquant.models.unet2d import UNet2DConfig, UNet2DModel
+from jaxquant.io.model_dir import save_model_dir
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
 from jaxquant.quant.rules import default_rules, layer_kernels, resolve
@@ -21,20 +19,12 @@ from jaxquant.quant.smooth import (ChannelSmooth, channel_absmax, is_channel_smo
                                    smooth_params, smoothing_factors)
 from jaxquant.quant.uniform import WeightQuantConfig
 
-TINY = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": None,
-    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
-}
-
+from conftest import build_tiny
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``(model dir, model, calibration)``: a random tiny UNet whose input channels have
     very different ranges (GroupNorm scales spread over two decades)."""
-    cfg = UNet2DConfig.from_dict(TINY)
-    params = UNet2DModel(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
     rng = np.random.default_rng(0)
 
     def spread(path, leaf):
@@ -43,9 +33,8 @@ def tiny(tmp_path_factory):
             return jnp.asarray(10.0 ** rng.uniform(-1, 1, leaf.shape), leaf.dtype)
         return leaf + 0.1 * jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype)
 
-    params = jax.tree_util.tree_map_with_path(spread, params)
-    d = tmp_path_factory.mktemp("smooth") / "tiny"
-    save_model_dir(d, ModelDirMeta("unet2d", cfg.to_dict(), ScheduleConfig(num_train_timesteps=100).to_dict()), params)
+    d = build_tiny(tmp_path_factory.mktemp("smooth") / "tiny",
+                   perturb=lambda p: jax.tree_util.tree_map_with_path(spread, p))
     model = jaxquant.load(d)
     calib = calibrate(model, CalibConfig(num_samples=8, steps=4, groups=2, batch_size=4, reservoir=512, xtx=False),
                       progress=False)
