@@ -114,6 +114,11 @@ def _flatten_calib(tree: dict, prefix: tuple = ()) -> dict[str, jax.Array]:
     return out
 
 
+def trajectory_labels(calib: Calibration) -> np.ndarray:
+    """The calibration trajectories' class labels (zeros for an unconditional model)."""
+    return calib.labels if calib.labels is not None else np.zeros((calib.inputs.shape[1],), np.int32)
+
+
 def _model_fns(model, cfg_scale: float):
     """Return ``(eps_fn(params, x, t, y), capture_fn(params, x, t, y))``."""
     module = model.module

@@ -173,10 +173,6 @@ def at_timesteps(params: Any, t: jax.Array, num_train_timesteps: int) -> Any:
         params, is_leaf=is_grouped)
 
 
-def has_act_quant(params: Any) -> bool:
-    return any(is_act_quant(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_act_quant))
-
-
 def has_grouped(params: Any) -> bool:
     """Whether ``params`` holds any per-timestep-group leaf (then calls must select a group)."""
     return any(is_grouped(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_grouped))

@@ -33,7 +33,6 @@ input and weights are the float model's, e.g. the first layer) store none.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import flax
@@ -106,13 +105,11 @@ class BiasCorrectionConfig:
       groups: timestep groups of the corrections (default: the calibration's).
       chunk_rows: inputs per forward pass (a group's inputs are split into chunks of at
         most this many; chunks are corrected separately and averaged).
-      exclude: regex of layer names never corrected (default: none).
     """
 
     num_samples: int = 64
     groups: int | None = None
     chunk_rows: int = 256
-    exclude: str | None = None
 
     def __post_init__(self):
         if self.num_samples < 1 or self.chunk_rows < 1:
@@ -135,6 +132,7 @@ class BiasCorrectionResult:
         ``Σ‖ε_q − ε‖² / Σ‖ε‖²`` on the inputs used, without and with the corrections.
       bias_before / bias_after: ``[G]`` the part of that error that is the mean offset
         (per output channel, over inputs and positions), relative to ``Σ‖ε‖²``.
+      stored: the layers given a ``bias_correction`` leaf (the others' corrections are zero).
       groups, rows: timestep groups and inputs per group used.
     """
 
@@ -145,6 +143,7 @@ class BiasCorrectionResult:
     error_after: np.ndarray
     bias_before: np.ndarray
     bias_after: np.ndarray
+    stored: set[str]
     groups: int
     rows: list[int]
 
@@ -154,25 +153,16 @@ class BiasCorrectionResult:
         for g in range(self.groups):
             lines.append(f"{g:>5}  {self.rows[g]:>6}  {self.error_before[g]:12.3e}  {self.error_after[g]:10.3e}  "
                          f"{self.bias_before[g]:18.3e}  {self.bias_after[g]:10.3e}")
-        stored = sum(1 for n in self.deltas if _stored(self.params, n))
-        lines.append(f"{stored} layers corrected, {len(self.deltas) - stored} with a zero correction not stored")
+        lines.append(f"{len(self.stored)} layers corrected, {len(self.deltas) - len(self.stored)} with a zero "
+                     "correction not stored")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"groups": self.groups, "rows": self.rows,
                 "error_before": self.error_before.tolist(), "error_after": self.error_after.tolist(),
                 "bias_before": self.bias_before.tolist(), "bias_after": self.bias_after.tolist(),
-                "layers": {n: {"rel_offset": self.rel_offset[n].tolist(), "stored": _stored(self.params, n)}
+                "layers": {n: {"rel_offset": self.rel_offset[n].tolist(), "stored": n in self.stored}
                            for n in self.deltas}}
-
-
-def _stored(params: dict, name: str) -> bool:
-    from jaxquant.quant.rules import _split_name
-
-    node = params
-    for p in _split_name(params, name):
-        node = node[p]
-    return LEAF in node
 
 
 def without_corrections(tree: Any) -> Any:
@@ -210,7 +200,7 @@ def _interceptor(means: dict, targets: dict | None):
 
 
 def _forward_fns(model, cfg_scale: float):
-    """Jitted ``(float means, corrective pass, output)`` functions of ``model``'s module."""
+    """Jitted ``(layer means, corrective pass, output)`` functions of ``model``'s module."""
     from jaxquant import xla
     from jaxquant.calib.calibration import _model_fns
 
@@ -221,7 +211,7 @@ def _forward_fns(model, cfg_scale: float):
         return at_timesteps(params, t, T)
 
     @xla.jit
-    def float_means(params, x, t, y):
+    def layer_means(params, x, t, y):
         means: dict = {}
         with nn.intercept_methods(_interceptor(means, None)):
             eps_fn(narrowed(params, t), x, t, y)
@@ -238,7 +228,7 @@ def _forward_fns(model, cfg_scale: float):
     def output(params, x, t, y):
         return eps_fn(narrowed(params, t), x, t, y)
 
-    return float_means, correct, output
+    return layer_means, correct, output
 
 
 def _group_rows(calib, groups: int, num_samples: int, T: int, chunk_rows: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
@@ -271,8 +261,8 @@ def bias_correct(qmodel, float_model, calib, cfg: BiasCorrectionConfig = BiasCor
     Returns:
       a :class:`BiasCorrectionResult`; its ``params`` are ``qmodel``'s with the corrections.
     """
+    from jaxquant.calib.calibration import trajectory_labels
     from jaxquant.quant.rules import _copy_dicts, _split_name
-    from jaxquant.quant.smooth import _labels
 
     if qmodel.meta.architecture != float_model.meta.architecture:
         raise ConfigError("the quantized and the float model have different architectures")
@@ -285,9 +275,9 @@ def bias_correct(qmodel, float_model, calib, cfg: BiasCorrectionConfig = BiasCor
     if any(not c for c in chunks):
         empty = [g for g, c in enumerate(chunks) if not c]
         raise ConfigError(f"timestep groups {empty} have no calibration step; use fewer groups")
-    labels = _labels(calib)
+    labels = trajectory_labels(calib)
     qparams = without_corrections(qmodel.params)
-    float_means, correct, output = _forward_fns(qmodel, calib.config.cfg_scale)  # one architecture, either params
+    layer_means, correct, output = _forward_fns(qmodel, calib.config.cfg_scale)  # one architecture, either params
 
     sums: dict[str, np.ndarray] = {}
     fsq: dict[str, np.ndarray] = {}
@@ -299,7 +289,7 @@ def bias_correct(qmodel, float_model, calib, cfg: BiasCorrectionConfig = BiasCor
         for steps, idx in group_chunks:
             batch = (jnp.asarray(calib.inputs[steps, idx]), jnp.asarray(calib.timesteps[steps], jnp.int32),
                      jnp.asarray(labels[idx], jnp.int32))
-            targets = float_means(float_model.params, *batch)
+            targets = layer_means(float_model.params, *batch)
             shifts = correct(qparams, *batch, targets)
             n = len(idx)
             for name, d in shifts.items():
@@ -315,37 +305,32 @@ def bias_correct(qmodel, float_model, calib, cfg: BiasCorrectionConfig = BiasCor
     bar.close()
     if not sums:
         raise ConfigError("the model calls no Dense or Conv layer")
-    exclude = re.compile(cfg.exclude) if cfg.exclude else None
-    deltas = {n: (s / np.asarray(rows, np.float64)[:, None]).astype(np.float32) for n, s in sums.items()
-              if not (exclude and exclude.fullmatch(n))}
+    deltas = {n: (s / np.asarray(rows, np.float64)[:, None]).astype(np.float32) for n, s in sums.items()}
     rel = {n: np.sqrt(np.mean(np.square(d), axis=1)) / np.maximum(np.sqrt(fsq[n] / np.asarray(rows)), 1e-30)
            for n, d in deltas.items()}
 
     params = _copy_dicts(qparams)
-    for name, d in deltas.items():
-        if float(np.max(rel[name])) < 1e-6:  # input and weights as in the float model
-            continue
+    stored = {n for n in deltas if float(np.max(rel[n])) >= 1e-6}  # else input and weights as in the float model
+    for name in stored:
         node = params
         for p in _split_name(params, name):
             node = node[p]
-        node[LEAF] = BiasCorrection(jnp.asarray(d, STORAGE_DTYPE))
+        node[LEAF] = BiasCorrection(jnp.asarray(deltas[name], STORAGE_DTYPE))
 
     # the whole model's output error on the same inputs, without and with the corrections
     err = np.zeros((2, G))
-    off = np.zeros((2, G))
     energy = np.zeros((G,))
-    osum: dict[tuple[int, int], np.ndarray] = {}
+    positions = np.zeros((G,))  # output vectors per group
+    osum = np.zeros((2, G, calib.inputs.shape[-1]))  # per-channel sum of the error (ε has x_t's shape)
     for g, batch in batches:
         ref = np.asarray(output(float_model.params, *batch), np.float64)
         energy[g] += float(np.sum(np.square(ref)))
+        positions[g] += ref.size // ref.shape[-1]
         for k, p in enumerate((qparams, params)):
             diff = np.asarray(output(p, *batch), np.float64) - ref
             err[k, g] += float(np.sum(np.square(diff)))
-            osum[(k, g)] = osum.get((k, g), 0.0) + diff.reshape(-1, diff.shape[-1]).sum(0)
-    for (k, g), s in osum.items():
-        count = sum(int(np.prod(b[0].shape[:-1])) for gg, b in batches if gg == g)
-        m = s / count
-        off[k, g] = float(np.sum(np.square(m))) * count
+            osum[k, g] += diff.reshape(-1, diff.shape[-1]).sum(0)
+    off = np.sum(np.square(osum), axis=-1) / positions  # Σ over positions of ‖mean‖²
     energy = np.maximum(energy, 1e-30)
     return BiasCorrectionResult(params, deltas, rel, err[0] / energy, err[1] / energy, off[0] / energy,
-                                off[1] / energy, G, rows)
+                                off[1] / energy, stored, G, rows)

@@ -72,11 +72,6 @@ def is_channel_smooth(x: Any) -> bool:
     return isinstance(x, ChannelSmooth)
 
 
-def _labels(calib) -> np.ndarray:
-    """The calibration trajectories' class labels (zeros for an unconditional model)."""
-    return calib.labels if calib.labels is not None else np.zeros((calib.inputs.shape[1],), np.int32)
-
-
 def channel_absmax(model, calib, layers: Sequence[str], batch_size: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
     """``{layer: max |x_j| per input channel}`` over the calibration's inputs and steps.
 
@@ -84,7 +79,7 @@ def channel_absmax(model, calib, layers: Sequence[str], batch_size: int = 32, pr
     trajectories, with their labels and the calibration's guidance scale) and the inputs
     of ``layers`` are reduced to one maximum per channel.
     """
-    from jaxquant.calib.calibration import _model_fns
+    from jaxquant.calib.calibration import _model_fns, trajectory_labels
     from jaxquant import xla
 
     if not layers:
@@ -102,7 +97,7 @@ def channel_absmax(model, calib, layers: Sequence[str], batch_size: int = 32, pr
                 for n in wanted}
 
     S, N = calib.inputs.shape[:2]
-    labels = _labels(calib)
+    labels = trajectory_labels(calib)
     out: dict[str, np.ndarray] = {}
     starts = range(0, N, batch_size)
     bar = tqdm(total=S * len(starts), desc="channel ranges", unit="batch", disable=not progress)
@@ -273,7 +268,7 @@ def _record_inputs(model, calib, layers: Sequence[str], rows: list[tuple[int, np
     """``{layer: its inputs}`` for the calibration inputs ``rows`` (step, sample indices),
     concatenated in that order (under guidance each step's batch is doubled, as the
     quantized model sees it)."""
-    from jaxquant.calib.calibration import _model_fns
+    from jaxquant.calib.calibration import _model_fns, trajectory_labels
     from jaxquant import xla
 
     _, capture = _model_fns(model, calib.config.cfg_scale)
@@ -284,7 +279,7 @@ def _record_inputs(model, calib, layers: Sequence[str], rows: list[tuple[int, np
         acts = capture(params, x, t, y)
         return {n: acts[n].astype(jnp.float32) for n in wanted}
 
-    labels = _labels(calib)
+    labels = trajectory_labels(calib)
     got: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
     for s, idx in rows:
         x = jnp.asarray(calib.inputs[s, idx])
@@ -398,14 +393,14 @@ class _ModelScore:
 
     def __init__(self, model, calib, rows: list[tuple[int, np.ndarray]]):
         from jaxquant import xla
-        from jaxquant.calib.calibration import _model_fns
+        from jaxquant.calib.calibration import _model_fns, trajectory_labels
         from jaxquant.quant.activation import at_timesteps
 
         self.model = model
         eps_fn, _ = _model_fns(model, calib.config.cfg_scale)
         T = model.schedule.num_train_timesteps
         self.fwd = xla.jit(lambda p, x, t, y: eps_fn(at_timesteps(p, t, T), x, t, y))
-        labels = _labels(calib)
+        labels = trajectory_labels(calib)
         # one call per step: a call's activation ranges are those of its first timestep's group
         self.batches = [(jnp.asarray(calib.inputs[s, idx]), jnp.full((len(idx),), int(calib.timesteps[s]), jnp.int32),
                          jnp.asarray(labels[idx], jnp.int32)) for s, idx in rows]
