@@ -39,6 +39,9 @@ Configurations are short names:
                             40 inputs)
     uniform-w6a6-gptq       weight codes by sequential rounding with error feedback on the
                             calibration's XᵀX (--gptq; rd: curves kept apart, rd-curves-gG-...-gptq)
+    rd-w6a6-g10-sm50-rec300 the model named without -recN, then block reconstruction with its
+                            activation quantizers in place (jaxquant finetune --steps N on the
+                            configuration's calibration); any method
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -74,7 +77,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -103,6 +106,8 @@ def parse_config(name: str) -> dict:
             cfg["act_method"] = "minmax"
         elif part == "gptq" and m["method"] in ("uniform", "rd"):
             cfg["gptq"] = True
+        elif re.fullmatch(r"rec\d+", part):
+            cfg["reconstruct_steps"] = int(part[3:])
         elif re.fullmatch(r"sm\d\d", part):
             cfg["smooth"] = int(part[2:]) / 100
         elif part in ("smauto", "smautom"):
@@ -256,9 +261,15 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                     raise SystemExit(f"smoothing for {name} failed")
         calib = calibrated(source, cfg["groups"], work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}")
         qdir = work / name
-        if not (qdir / "config.json").is_file():
-            if cli(quantize_args(source, cfg, calib, qdir)) != 0:
-                raise SystemExit(f"quantization {name} failed")
+        base = re.sub(r"-rec\d+", "", name)
+        quantized = work / base
+        if not (quantized / "config.json").is_file():
+            if cli(quantize_args(source, parse_config(base), calib, quantized)) != 0:
+                raise SystemExit(f"quantization {base} failed")
+        if cfg.get("reconstruct_steps") and not (qdir / "config.json").is_file():
+            if cli(["finetune", str(quantized), "--calib", str(calib), "--steps", str(cfg["reconstruct_steps"]),
+                    "--out", str(qdir)]) != 0:
+                raise SystemExit(f"block reconstruction {name} failed")
     t_quant = time.time() - t0
     model = jaxquant.load(str(qdir))
     rep = storage_report(model.params)

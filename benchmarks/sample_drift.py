@@ -28,7 +28,10 @@ that the single-step measures rate best drifts furthest here, that is the reason
 from __future__ import annotations
 
 import argparse
+import re
 import time
+
+import jax
 
 import numpy as np
 
@@ -46,13 +49,27 @@ def _stats(feats: dict) -> dict:
             "histogram": hist.tolist()}
 
 
-def _without_act_quant(tree):
-    """The parameter tree without its activation quantizers (:class:`ActQuant` leaves)."""
+def _without_act_quant(tree, pattern: str | None = None, prefix: str = ""):
+    """The parameter tree without its activation quantizers (:class:`ActQuant` leaves), or
+    without those whose dotted path (``up_blocks.3.resnets.0.conv1.input_quant``) matches
+    the regular expression ``pattern`` (``re.search``)."""
     from jaxquant.quant.activation import ActQuant
 
     if isinstance(tree, dict):
-        return {k: _without_act_quant(v) for k, v in tree.items() if not isinstance(v, ActQuant)}
+        out = {}
+        for k, v in tree.items():
+            path = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, ActQuant) and (pattern is None or re.search(pattern, path)):
+                continue
+            out[k] = _without_act_quant(v, pattern, path)
+        return out
     return tree
+
+
+def count_act_quant(tree) -> int:
+    from jaxquant.quant.activation import is_act_quant
+
+    return sum(is_act_quant(v) for v in jax.tree_util.tree_leaves(tree, is_leaf=is_act_quant))
 
 
 def main() -> None:
@@ -65,6 +82,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cfg-scale", type=float, default=1.0)
     ap.add_argument("--float-acts", action="store_true", help="drop the quantized models' activation quantizers")
+    ap.add_argument("--float-acts-at", nargs="+", default=None, metavar="REGEX",
+                    help="one row per pattern and model: drop only the activation quantizers whose path matches "
+                    "(e.g. 'attentions' or '^up_blocks\\.3\\.'); where the activations' drift comes from")
     ap.add_argument("--json", action="store_true",
                     help="write benchmarks/results/sample_drift_MODEL[_float_acts][_TAG].json")
     ap.add_argument("--tag", default=None, help="suffix of the JSON result's name (keeps earlier results)")
@@ -77,10 +97,13 @@ def main() -> None:
 
     net = get_feature_net("fmnist")
 
-    def run(path: str, float_acts: bool = False) -> tuple[np.ndarray, dict]:
+    def run(path: str, float_acts: bool = False, pattern: str | None = None) -> tuple[np.ndarray, dict]:
         model = jaxquant.load(path)
-        if float_acts:
-            model = jaxquant.Model(model.meta, _without_act_quant(model.params), model.path)
+        if float_acts or pattern is not None:
+            params = _without_act_quant(model.params, pattern)
+            print(f"  {path}: {count_act_quant(model.params) - count_act_quant(params)} activation quantizers "
+                  f"dropped" + (f" (matching {pattern!r})" if pattern else ""), flush=True)
+            model = jaxquant.Model(model.meta, params, model.path)
         t0 = time.perf_counter()
         imgs = generate(model, args.num, steps=args.steps, seed=args.seed, batch_size=args.batch,
                         labels=sample_labels(model, args.num), cfg_scale=args.cfg_scale, progress=False)
@@ -91,10 +114,14 @@ def main() -> None:
     fp = _stats(f_fp)
     pool_fp = np.asarray(f_fp["pool"], np.float64)
     result = {"model": args.model, "num": args.num, "steps": args.steps, "seed": args.seed,
-              "cfg_scale": args.cfg_scale, "float_acts": args.float_acts, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
+              "cfg_scale": args.cfg_scale, "float_acts": args.float_acts, "float_acts_at": args.float_acts_at, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
     rows = [("FP", 0.0, 0.0, 1.0, fp["entropy"], fp["confidence"])]
-    for path in args.quantized:
-        x, f = run(path, args.float_acts)
+    variants = [(p, None) for p in args.quantized] if not args.float_acts_at else [
+        (p, pat) for p in args.quantized for pat in args.float_acts_at]
+    for path, pattern in variants:
+        x, f = run(path, args.float_acts, pattern)
+        if pattern is not None:
+            path = f"{path} [float acts at {pattern}]"
         s = _stats(f)
         pool = np.asarray(f["pool"], np.float64)
         r = {"pixel": relative_sq_error(x, x_fp), "features": relative_sq_error(pool, pool_fp),

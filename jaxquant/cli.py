@@ -571,6 +571,40 @@ def _cmd_smooth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import json
+
+    import jaxquant
+    from jaxquant.calib import load_calibration
+    from jaxquant.io.model_dir import save_model_dir
+    from jaxquant.quant.accounting import storage_report
+    from jaxquant.quant.aq_model import finetune_model
+
+    qmodel = jaxquant.load(args.model)
+    source = args.float or qmodel.meta.extra.get("quantized", {}).get("source")
+    if not source:
+        raise JaxquantError(f"{args.model} does not name the float model it was quantized from; pass --float")
+    if args.steps <= 0:
+        raise JaxquantError(f"--steps must be positive, got {args.steps}")
+    params, records = finetune_model(qmodel, qmodel.params, jaxquant.load(source).params,
+                                     load_calibration(args.calib), steps=args.steps, lr=args.lr,
+                                     lr_relative=not args.absolute_lr, batch_size=args.batch,
+                                     eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks)
+    meta = qmodel.meta
+    meta.extra = {**meta.extra, "finetune": {"float": str(source), "calibration": str(args.calib),
+                                             "steps": args.steps, "lr": args.lr,
+                                             "lr_relative": not args.absolute_lr, "batch": args.batch,
+                                             "seed": args.seed, "blocks": [r["block"] for r in records]}}
+    save_model_dir(args.out, meta, params)
+    (Path(args.out) / "finetune.json").write_text(json.dumps(records, indent=1))
+    for r in records:
+        print(f"{r['block']:<24} block output error {r['error_before']:.4g} -> {r['error_after']:.4g}"
+              + ("" if r["kept"] else " (not lower: kept as it was)") + f"  {r['seconds']:.0f} s")
+    rep = storage_report(params)
+    print(f"wrote {args.out}: {rep.total_bytes} bytes, {rep.bits_per_weight:.3f} bits per weight overall")
+    return 0
+
+
 def _cmd_bias_correct(args: argparse.Namespace) -> int:
     import json
 
@@ -800,6 +834,28 @@ def build_parser() -> argparse.ArgumentParser:
     qz.set_defaults(groups=None)
     qz.add_argument("--out", required=True, help="output model directory")
     qz.set_defaults(fn=_cmd_quantize)
+
+    ft = sub.add_parser("finetune", help="block-by-block fine-tuning of a quantized model (any method)",
+                        description="Block reconstruction: each UNet block in turn is tuned with Adam so that its "
+                        "outputs match the float block's on the calibration inputs the tuned model feeds it. Codes "
+                        "stay fixed; weight scales, activation quantizers' scales (per timestep group, with "
+                        "straight-through rounding), smoothing factors, biases and norms are tuned. A block keeps "
+                        "its tuned values only if its error on held-out calibration pairs falls.")
+    ft.add_argument("model", help="quantized model directory")
+    ft.add_argument("--calib", required=True, help="calibration directory of the float model")
+    ft.add_argument("--float", default=None, help="the float model it was quantized from (default: the one its "
+                                                  "config.json names)")
+    ft.add_argument("--steps", type=int, default=200, help="Adam steps per block")
+    ft.add_argument("--lr", type=float, default=3e-3,
+                    help="learning rate, relative to each array's mean magnitude unless --absolute-lr")
+    ft.add_argument("--absolute-lr", action="store_true", help="use --lr as an absolute step (as AQ's fine-tuning)")
+    ft.add_argument("--batch", type=int, default=8, help="calibration pairs per step")
+    ft.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs deciding whether a block keeps its "
+                                                               "tuned values")
+    ft.add_argument("--blocks", nargs="+", default=None, help="only these blocks (default: all, in order)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--out", required=True, help="output model directory")
+    ft.set_defaults(fn=_cmd_finetune)
 
     bc = sub.add_parser("bias-correct", help="add per-timestep-group bias corrections to a quantized model",
                         description="Empirical bias correction (Nagel et al. 2019) per timestep group: each dense "

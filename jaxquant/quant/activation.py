@@ -94,11 +94,33 @@ class ActQuant:
         return fake_quant(x, self.scale[0, 0], self.zero[0, 0], qmax)
 
 
+@jax.custom_jvp
+def round_ste(v: jax.Array) -> jax.Array:
+    """``round(v)`` whose derivative is taken as 1 (the straight-through estimator).
+
+    The value is exactly ``jnp.round(v)``; only gradients differ, so that the scale of a
+    quantizer (and everything upstream of it) can be trained through the rounding.
+    """
+    return jnp.round(v)
+
+
+@round_ste.defjvp
+def _round_ste_jvp(primals, tangents):
+    (v,), (dv,) = primals, tangents
+    return jnp.round(v), dv
+
+
 def fake_quant(x: jax.Array, scale: jax.Array, zero: jax.Array, qmax: int) -> jax.Array:
-    """``scale * (clip(round(x / scale) + zero, 0, qmax) - zero)`` in x's dtype."""
+    """``scale * (clip(round(x / scale) + zero, 0, qmax) - zero)`` in x's dtype, for integer ``zero``.
+
+    Differentiable in ``x`` and ``scale`` as in LSQ (Esser et al. 2020): the rounding
+    passes gradients straight through (:func:`round_ste`), the clipping does not.
+    """
     s = scale.astype(jnp.float32)
-    q = jnp.clip(jnp.round(x.astype(jnp.float32) / s) + zero, 0, qmax)
-    return ((q - zero) * s).astype(x.dtype)
+    # Clipping before rounding gives the same values (the zero point is an integer) and
+    # full gradients up to the range's ends, where clipping after rounding halves them.
+    q = round_ste(jnp.clip(x.astype(jnp.float32) / s, -zero, qmax - zero))
+    return (q * s).astype(x.dtype)
 
 
 def range_to_scale_zero(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -103,6 +103,7 @@ from tqdm.auto import tqdm
 from jaxquant import xla
 from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.quant import serialize
+from jaxquant.quant.activation import at_timestep_group, has_grouped, is_grouped, timestep_group
 from jaxquant.quant.additive import aq_bits_per_weight, aq_stored_bits, quantize_kernel
 from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, default_rules, layer_kernels, resolve
 
@@ -489,10 +490,13 @@ def _calibration_pairs(model, calib) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return x, t, y
 
 
-def _unit_outputs(module, units: tuple, params: dict, x, t, y) -> list:
+def _unit_outputs(module, units: tuple, params: dict, x, t, y, g=None) -> list:
     """Outputs of the modules at ``units`` in a forward pass (the network after them is
-    dead code, which XLA drops)."""
+    dead code, which XLA drops). ``g``: the timestep group of the whole batch, to which
+    per-group leaves (activation quantizers, …) are narrowed; ``None`` when there are none."""
     wanted = set(units)
+    if g is not None:
+        params = at_timestep_group(params, g)
 
     def select(mdl, method_name):
         return method_name == "__call__" and tuple(mdl.scope.path) in wanted
@@ -516,9 +520,9 @@ def _mean_relative_error(q: list, f: list) -> jax.Array:
 # Module-level jitted functions with the (hashable) Flax module and unit paths static, so
 # repeated runs (and resumed runs) reuse the compiled code.
 @partial(xla.jit, static_argnames=("module", "units"))
-def _unit_errors(module, units, params, ref_params, x, t, y):
-    return _relative_errors(_unit_outputs(module, units, params, x, t, y),
-                            _unit_outputs(module, units, ref_params, x, t, y))
+def _unit_errors(module, units, params, ref_params, x, t, y, g=None):
+    return _relative_errors(_unit_outputs(module, units, params, x, t, y, g),
+                            _unit_outputs(module, units, ref_params, x, t, y, g))
 
 
 def _assemble(units: tuple, treedef, train_idx: tuple, leaves: list, theta: list, base: dict) -> dict:
@@ -529,27 +533,30 @@ def _assemble(units: tuple, treedef, train_idx: tuple, leaves: list, theta: list
 
 
 @partial(xla.jit, static_argnames=("module", "units", "treedef", "train_idx", "lr"))
-def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leaves, base, ref, x, t, y):
+def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leaves, base, ref, x, t, y, g=None,
+                   step_units=None):
     import optax
 
-    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y))
+    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y, g))
 
     def loss_fn(th):
-        q = _unit_outputs(module, units, _assemble(units, treedef, train_idx, leaves, th, base), x, t, y)
+        q = _unit_outputs(module, units, _assemble(units, treedef, train_idx, leaves, th, base), x, t, y, g)
         return _mean_relative_error(q, target)
 
     loss, grads = jax.value_and_grad(loss_fn)(theta)
     updates, opt_state = optax.adam(lr).update(grads, opt_state, theta)
+    if step_units is not None:  # learning rate relative to each array's magnitude
+        updates = [u * k for u, k in zip(updates, step_units)]
     return optax.apply_updates(theta, updates), opt_state, loss
 
 
 @partial(xla.jit, static_argnames=("module", "units", "paths"))
-def _kernel_grads(module, units, paths, kernels, base, ref, x, t, y):
+def _kernel_grads(module, units, paths, kernels, base, ref, x, t, y, g=None):
     """Minibatch block loss and its gradient with respect to dense kernels put at ``paths``."""
-    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y))
+    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y, g))
 
     def loss_fn(ks):
-        q = _unit_outputs(module, units, _set_paths(base, dict(zip(paths, ks))), x, t, y)
+        q = _unit_outputs(module, units, _set_paths(base, dict(zip(paths, ks))), x, t, y, g)
         return _mean_relative_error(q, target)
 
     return jax.value_and_grad(loss_fn)(kernels)
@@ -561,7 +568,8 @@ CODE_BUDGET_FRACTIONS = (1.0, 0.25, 0.0625, 0.015625)
 
 
 def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, units: tuple, budget: float,
-               xtx: dict, batch: tuple, pairs, select: np.ndarray, batch_size: int) -> tuple[dict | None, int]:
+               xtx: dict, batch: tuple, pairs, select: np.ndarray, batch_size: int, groups: np.ndarray | None = None,
+               g: Any = None) -> tuple[dict | None, int]:
     """One PV-style code update of the block's AQ layers (see :func:`finetune_block`).
 
     The gradient comes from ``batch`` ``(x, t, y)``, the choice among candidates from the
@@ -578,10 +586,10 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
     paths = tuple(tuple(_split_name(tree, n)) + ("kernel",) for n in names)
     weights = [_get(tree, p) for p in paths]
     dense = [w.dequantize(jnp.float32) for w in weights]
-    _, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, *batch)
+    _, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, *batch, g)
     layers = []  # (path, weight, Ŵ, unit step D/κ, metric H)
-    for name, p, w, wq, g in zip(names, paths, weights, dense, grads):
-        wq_m, g_m = as_matrix(wq), as_matrix(g)
+    for name, p, w, wq, grad in zip(names, paths, weights, dense, grads):
+        wq_m, g_m = as_matrix(wq), as_matrix(grad)
         k = wq_m.shape[1]
         h = jnp.asarray(xtx[name], jnp.float32) if name in xtx else jnp.eye(k, dtype=jnp.float32)
         h = h / jnp.maximum(jnp.mean(jnp.diag(h)), 1e-30) + 1e-2 * jnp.eye(k, dtype=jnp.float32)
@@ -592,7 +600,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
         if kappa > 0:
             layers.append((p, w, wq_m, jnp.linalg.solve(h, g_m.T).T / kappa, h))
     best, best_changed = None, 0
-    best_loss = _block_error(model, units, tree, ref, pairs, select, batch_size)
+    best_loss = _block_error(model, units, tree, ref, pairs, select, batch_size, groups)
     for scale in CODE_STEP_SCALES:
         for frac in CODE_BUDGET_FRACTIONS:
             updates, changed = {}, 0
@@ -603,7 +611,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
             if changed == 0:
                 continue
             candidate = _set_paths(tree, updates)
-            cand_loss = _block_error(model, units, candidate, ref, pairs, select, batch_size)
+            cand_loss = _block_error(model, units, candidate, ref, pairs, select, batch_size, groups)
             if cand_loss < best_loss:
                 best, best_loss, best_changed = candidate, cand_loss, changed
     return best, best_changed
@@ -620,13 +628,36 @@ def _eval_indices(total: int, num: int | None, seed: int) -> np.ndarray:
     return np.sort(perm[: total if num is None else min(num, total)])
 
 
+def _pair_groups(model, params: dict, pairs) -> np.ndarray | None:
+    """Timestep group of each calibration pair when ``params`` holds per-group leaves
+    (activation quantizers, bias corrections), else ``None``. A forward pass then takes
+    pairs of one group only, narrowed to it (:func:`_unit_outputs`)."""
+    if not has_grouped(params):
+        return None
+    counts = {int(a.num_groups) for a in jax.tree_util.tree_leaves(params, is_leaf=is_grouped) if is_grouped(a)}
+    if len(counts) != 1:
+        raise ConfigError(f"the per-timestep-group leaves disagree on the number of groups: {sorted(counts)}")
+    (num,) = counts
+    return np.asarray(timestep_group(jnp.asarray(pairs[1]), num, model.schedule.num_train_timesteps))
+
+
+def _by_group(idx: np.ndarray, groups: np.ndarray | None):
+    """``(g, indices)`` for each timestep group among ``idx`` (``(None, idx)`` without groups)."""
+    if groups is None:
+        yield None, idx
+        return
+    for g in np.unique(groups[idx]):
+        yield jnp.asarray(g, jnp.int32), idx[groups[idx] == g]
+
+
 def _block_error(model, units: tuple, params: dict, ref_params: dict, pairs, idx: np.ndarray,
-                 batch_size: int) -> float:
+                 batch_size: int, groups: np.ndarray | None = None) -> float:
     x, t, y = pairs
     num = den = 0.0
-    for xb, tb, yb in _batches(x, t, y, idx, batch_size):
-        a, b = _unit_errors(model.module, units, params, ref_params, xb, tb, yb)
-        num, den = num + np.asarray(a, np.float64), den + np.asarray(b, np.float64)
+    for g, sub in _by_group(idx, groups):
+        for xb, tb, yb in _batches(x, t, y, sub, batch_size):
+            a, b = _unit_errors(model.module, units, params, ref_params, xb, tb, yb, g)
+            num, den = num + np.asarray(a, np.float64), den + np.asarray(b, np.float64)
     return float(np.mean(num / np.maximum(den, 1e-30)))
 
 
@@ -642,12 +673,19 @@ def block_output_error(model, params: dict, float_params: dict, block: str, cali
     units = tuple(block_units(params, block))
     ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
     return _block_error(model, units, params, ref_params, pairs, _eval_indices(len(pairs[0]), num_pairs, seed),
-                        batch_size)
+                        batch_size, _pair_groups(model, params, pairs))
 
 
 def _seed_of(key: jax.Array, salt: str) -> int:
     k = jax.random.fold_in(key, zlib.crc32(salt.encode()) & 0x7FFFFFFF)
     return int(jax.random.randint(k, (), 0, 2**31 - 1))
+
+
+def _is_zero_point(path: tuple) -> bool:
+    """Whether a flattened leaf's key path ends at an activation quantizer's zero point
+    (integer-valued floats, kept fixed by fine-tuning)."""
+    last = path[-1] if path else None
+    return isinstance(last, jax.tree_util.GetAttrKey) and last.name == "zero"
 
 
 def _check_code_updates(every: int, budget: float) -> None:
@@ -669,17 +707,28 @@ def finetune_block(
     key: Any = 0,
     code_update_every: int = 0,
     code_budget: float = 0.01,
+    lr_relative: bool = False,
 ) -> tuple[dict, dict]:
     """Tune a quantized block to reproduce the float block's outputs.
 
     The trainable parameters are every floating-point array under the block's modules
-    in ``params``: AQ codebooks and scales, uniform scales, norms, biases, float kernels;
-    integer arrays (codes) stay fixed. Adam (learning rate ``lr``) runs ``steps`` steps on
-    minibatches of ``batch_size`` calibration pairs, minimising the relative output error
-    of :func:`block_output_error` against ``float_params``' block on the inputs the
-    network ``params`` (earlier blocks quantized) feeds it. The tuned arrays are cast
-    back to their stored dtypes and kept only if the error on a fixed subset of
-    ``eval_pairs`` pairs, held out of the training minibatches, falls.
+    in ``params``: AQ codebooks and scales, uniform scales, activation quantizers' scales,
+    channel-smoothing factors, norms, biases, float kernels; integer arrays (codes) and
+    the activation quantizers' zero points stay fixed. Adam (learning rate ``lr``; with
+    ``lr_relative`` each array's steps are scaled by its mean magnitude, so that ``lr``
+    is a relative step for scales of any size) runs ``steps`` steps on minibatches of
+    ``batch_size`` calibration pairs, minimising the relative output error of
+    :func:`block_output_error` against ``float_params``' block on the inputs the network
+    ``params`` (earlier blocks quantized) feeds it. The tuned arrays are cast back to
+    their stored dtypes and kept only if the error on a fixed subset of ``eval_pairs``
+    pairs, held out of the training minibatches, falls.
+
+    With activation quantizers in ``params`` the block is tuned with its activations
+    quantized: their rounding passes gradients straight through and their scales learn
+    as in LSQ (:func:`~jaxquant.quant.activation.fake_quant`). Quantizers with several
+    timestep groups take minibatches of one group at a time (a group drawn in proportion
+    to its pairs), each narrowed to its group, so each group's scales learn from their
+    own timesteps.
 
     **Code updates** (``code_update_every > 0``; off by default), in the manner of
     PV-tuning's code step: after every ``code_update_every`` Adam steps, the gradient
@@ -711,14 +760,20 @@ def finetune_block(
     n_pairs = len(pairs[0])
     units = tuple(block_units(params, block))
     ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
-    leaves, treedef = jax.tree_util.tree_flatten([_get(params, u) for u in units])
-    leaves = [jnp.asarray(a) for a in leaves]
-    train_idx = tuple(i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating))
+    groups = _pair_groups(model, params, pairs)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path([_get(params, u) for u in units])
+    leaves = [jnp.asarray(a) for _, a in path_leaves]
+    train_idx = tuple(i for i, (p, a) in enumerate(path_leaves)
+                      if jnp.issubdtype(a.dtype, jnp.floating) and not _is_zero_point(p))
     seed = _seed_of(key, "finetune:" + block)
     eval_idx = _eval_indices(n_pairs, eval_pairs, seed)
 
-    before = _block_error(model, units, params, ref_params, pairs, eval_idx, batch_size)
+    before = _block_error(model, units, params, ref_params, pairs, eval_idx, batch_size, groups)
     theta = [leaves[i].astype(jnp.float32) for i in train_idx]
+    step_units = None
+    if lr_relative:
+        mags = [float(jnp.mean(jnp.abs(v))) for v in theta]
+        step_units = [jnp.float32(m if m > 0 else 1.0) for m in mags]
     opt_state = optax.adam(lr).init(theta)
     rng = np.random.default_rng(seed + 1)
     x, t, y = pairs
@@ -728,32 +783,95 @@ def finetune_block(
     if len(pool) < batch_size:
         pool = np.arange(n_pairs)
     bs = min(batch_size, len(pool))
+    if groups is not None:
+        group_ids, group_counts = np.unique(groups[pool], return_counts=True)
     train_set = set(train_idx)
     tried = accepted = changed = 0
     for step in range(steps):
-        j = np.sort(rng.choice(pool, bs, replace=False))
+        g = None
+        if groups is None:
+            j = np.sort(rng.choice(pool, bs, replace=False))
+        else:
+            gi = int(rng.choice(group_ids, p=group_counts / group_counts.sum()))
+            members = pool[groups[pool] == gi]
+            j = np.sort(rng.choice(members, min(bs, len(members)), replace=False))
+            g = jnp.asarray(gi, jnp.int32)
         xb, tb, yb = jnp.asarray(x[j]), jnp.asarray(t[j]), None if y is None else jnp.asarray(y[j])
         theta, opt_state, _ = _finetune_step(model.module, units, treedef, train_idx, float(lr), theta, opt_state,
-                                             leaves, params, ref_params, xb, tb, yb)
+                                             leaves, params, ref_params, xb, tb, yb, g, step_units)
         if code_update_every and (step + 1) % code_update_every == 0:
             tried += 1
             tree = _assemble(units, treedef, train_idx, leaves, theta, params)
             select = np.sort(rng.choice(pool, min(len(pool), 4 * bs), replace=False))  # a fresh selection batch
             new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget,
-                                     getattr(calib, "xtx", None) or {}, (xb, tb, yb), pairs, select, bs)
+                                     getattr(calib, "xtx", None) or {}, (xb, tb, yb), pairs, select, bs, groups, g)
             if new_tree is not None:  # take the new codes; the float leaves stay in theta
                 new_leaves = jax.tree_util.tree_leaves([_get(new_tree, u) for u in units])
                 leaves = [old if i in train_set else new for i, (old, new) in enumerate(zip(leaves, new_leaves))]
                 accepted, changed = accepted + 1, changed + n
     stored = [v.astype(leaves[i].dtype) for i, v in zip(train_idx, theta)]
     tuned = _assemble(units, treedef, train_idx, leaves, stored, params)
-    after = _block_error(model, units, tuned, ref_params, pairs, eval_idx, batch_size) if steps > 0 else before
+    after = _block_error(model, units, tuned, ref_params, pairs, eval_idx, batch_size, groups) if steps > 0 else before
     kept = after < before
     rec = {"block": block, "steps": int(steps), "error_before": before, "error_after": after if kept else before,
            "kept": bool(kept), "seconds": round(time.perf_counter() - t0, 3)}
     if code_update_every:
         rec.update(code_updates=[accepted, tried], codes_changed=changed if kept else 0)
     return (tuned if kept else params), rec
+
+
+def model_blocks(params: dict) -> list[str]:
+    """The UNet blocks holding quantizable layers, in execution order."""
+    return sorted({b for b in map(block_of, layer_kernels(params)) if b is not None}, key=_block_order)
+
+
+def finetune_model(
+    model,
+    params: dict,
+    float_params: dict,
+    calib,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    lr_relative: bool = True,
+    batch_size: int = 8,
+    eval_pairs: int = 64,
+    key: Any = 0,
+    blocks: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Block-by-block fine-tuning of a quantized model of any method (uniform, RD, AQ).
+
+    Each block in execution order is tuned by :func:`finetune_block` against
+    ``float_params``' block, on the inputs the model tuned so far feeds it: the
+    block-reconstruction step of BRECQ / Q-Diffusion with the codes frozen. With the
+    model's activation quantizers in place, their scales (one per timestep group) learn
+    with the weights' scales, biases and norms. ``lr`` is relative to each array's
+    magnitude by default (``lr_relative``): uniform weight scales (~1e-3) and norm
+    weights (~1) move by the same fraction.
+
+    Args:
+      model: the quantized model (its module and schedule).
+      params: its parameters; float_params: the float model's (same layer names; for a
+        smoothed model, the smoothed float model it was quantized from).
+      calib: the calibration (model inputs along the float model's trajectories).
+      steps, lr, lr_relative, batch_size, eval_pairs, key: as :func:`finetune_block`.
+      blocks: the blocks to tune (default :func:`model_blocks`).
+      progress: show a progress bar.
+
+    Returns:
+      ``(params, records)``, one :func:`finetune_block` record per block.
+    """
+    names = model_blocks(params) if blocks is None else list(blocks)
+    records: list[dict] = []
+    bar = tqdm(names, desc="fine-tuning blocks", unit="block", disable=not progress)
+    for block in bar:
+        params, rec = finetune_block(model, params, float_params, block, calib, steps=steps, lr=lr,
+                                     batch_size=batch_size, eval_pairs=eval_pairs, key=key, lr_relative=lr_relative)
+        records.append(rec)
+        bar.set_postfix_str(f"{block}: {rec['error_before']:.4g} -> {rec['error_after']:.4g}")
+        xla.release_compiled_if_crowded()
+    return params, records
 
 
 # --------------------------------------------------------------------------- progress store

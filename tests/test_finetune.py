@@ -1,0 +1,188 @@
+"""Block fine-tuning of uniformly quantized models with their activation quantizers in
+place: straight-through rounding (LSQ gradients), per-timestep-group minibatches and
+errors, what is and is not trained, and the ``jaxquant finetune`` command."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant
+from jaxquant import cli
+from jaxquant.calib import calibration as calib_mod
+from jaxquant.quant.accounting import storage_report
+from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant, is_act_quant, round_ste, timestep_group
+from jaxquant.quant.aq_model import (_calibration_pairs, block_output_error, block_units, finetune_block,
+                                     model_blocks)
+from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
+from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig
+
+
+def test_round_ste_value_and_gradient():
+    v = jax.random.normal(jax.random.key(0), (1000,)) * 7
+    np.testing.assert_array_equal(np.asarray(round_ste(v)), np.asarray(jnp.round(v)))
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda a: jnp.sum(round_ste(a) * 3.0))(v)), 3.0)
+
+
+def test_fake_quant_gradients_are_lsq():
+    """d/ds of Σ fake_quant(x, s, z) is Σ (round(x/s) − x/s) over unclipped entries plus
+    Σ (q_clip − z) over clipped ones (LSQ, Esser et al. 2020); d/dx is 1 inside the range
+    and 0 outside."""
+    x = jax.random.normal(jax.random.key(1), (4000,), jnp.float32) * 2
+    s, z, qmax = jnp.float32(0.05), jnp.float32(20.0), 63
+    gs = float(jax.grad(lambda sc: jnp.sum(fake_quant(x, sc, z, qmax)))(s))
+    v = np.asarray(x, np.float64) / float(s)
+    inside = (v >= -float(z)) & (v <= qmax - float(z))
+    want = np.sum((np.round(v) - v)[inside]) + np.sum((np.clip(v, -float(z), qmax - float(z)))[~inside])
+    assert inside.sum() > 100 and (~inside).sum() > 100
+    np.testing.assert_allclose(gs, want, rtol=1e-3)
+    gx = np.asarray(jax.grad(lambda a: jnp.sum(fake_quant(a, s, z, qmax)))(x))
+    np.testing.assert_array_equal(gx, inside.astype(np.float32))
+    # The same values as rounding before clipping.
+    old = float(s) * (np.clip(np.round(np.asarray(x) / float(s)) + float(z), 0, qmax) - float(z))
+    np.testing.assert_array_equal(np.asarray(fake_quant(x, s, z, qmax)), old.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def quantized(model_dir, calib):
+    m = jaxquant.load(model_dir)
+    qparams = quantize_uniform(m, calib, WeightQuantConfig(bits=3), ActQuantConfig(bits=4), progress=False)
+    return m, jaxquant.Model(m.meta, qparams)
+
+
+def _block_outputs(model, params, units, x, t):
+    wanted = set(units)
+    _, state = model.module.apply({"params": params}, x, t, None, mutable=["intermediates"],
+                                  capture_intermediates=lambda mdl, name: name == "__call__"
+                                  and tuple(mdl.scope.path) in wanted)
+    return jax.tree_util.tree_leaves(state["intermediates"])
+
+
+def test_block_error_with_timestep_groups_is_the_long_way(quantized, calib):
+    """With 2-group activation quantizers, the block error (pairs batched by group) is the
+    mean over the block's outputs of ‖q − f‖² / ‖f‖², each pair run with its own group's
+    quantizers, computed here one pair at a time."""
+    m, q = quantized
+    block = "down_blocks.1"
+    units = tuple(block_units(q.params, block))
+    x, t, _ = _calibration_pairs(q, calib)
+    groups = np.asarray(timestep_group(jnp.asarray(t), 2, m.schedule.num_train_timesteps))
+    assert set(groups) == {0, 1}
+    ref_params = dict(q.params)
+    for u in units:  # the float block in the quantized network
+        node, src = ref_params, m.params
+        for k in u[:-1]:
+            node[k] = dict(node[k])
+            node, src = node[k], src[k]
+        node[u[-1]] = src[u[-1]]
+    outputs = jax.jit(lambda p, g, xi, ti: _block_outputs(q, at_timestep_group(p, g), units, xi, ti))
+    num = den = 0.0
+    for i in range(len(t)):
+        xi, ti = jnp.asarray(x[i:i + 1]), jnp.asarray(t[i:i + 1])
+        qo = outputs(q.params, int(groups[i]), xi, ti)
+        fo = outputs(ref_params, int(groups[i]), xi, ti)
+        num = num + np.array([np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+                              for a, b in zip(qo, fo)])
+        den = den + np.array([np.sum(np.asarray(b, np.float64) ** 2) for b in fo])
+    want = float(np.mean(num / den))
+    got = block_output_error(q, q.params, m.params, block, calib, num_pairs=None, batch_size=4)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_finetune_block_tunes_scales_and_keeps_codes_and_zero_points(quantized, calib):
+    m, q = quantized
+    block = "down_blocks.1"
+    tuned, rec = finetune_block(q, q.params, m.params, block, calib, steps=16, lr=3e-3, batch_size=4,
+                                lr_relative=True)
+    assert rec["kept"] and rec["error_after"] < rec["error_before"]
+    np.testing.assert_allclose(rec["error_after"], block_output_error(q, tuned, m.params, block, calib,
+                                                                      num_pairs=32, batch_size=4), rtol=1e-5)
+    changed_act = changed_w = 0
+    for u in block_units(q.params, block):
+        a, b = q.params, tuned
+        for k in u:
+            a, b = a[k], b[k]
+        la = jax.tree_util.tree_leaves(a, is_leaf=lambda v: isinstance(v, (ActQuant, UniformWeight)))
+        lb = jax.tree_util.tree_leaves(b, is_leaf=lambda v: isinstance(v, (ActQuant, UniformWeight)))
+        for va, vb in zip(la, lb):
+            if is_act_quant(va):
+                np.testing.assert_array_equal(np.asarray(va.zero), np.asarray(vb.zero))
+                assert vb.scale.dtype == va.scale.dtype
+                changed_act += int(not np.array_equal(np.asarray(va.scale), np.asarray(vb.scale)))
+            elif isinstance(va, UniformWeight):
+                np.testing.assert_array_equal(np.asarray(va.codes), np.asarray(vb.codes))
+                np.testing.assert_array_equal(np.asarray(va.zero), np.asarray(vb.zero))
+                assert vb.scale.dtype == va.scale.dtype
+                changed_w += int(not np.array_equal(np.asarray(va.scale), np.asarray(vb.scale)))
+    assert changed_act > 0 and changed_w > 0
+    # Both groups' activation ranges learn: each group trains on its own pairs.
+    acts = [v for v in jax.tree_util.tree_leaves(tuned, is_leaf=is_act_quant) if is_act_quant(v)]
+    before = [v for v in jax.tree_util.tree_leaves(q.params, is_leaf=is_act_quant) if is_act_quant(v)]
+    moved = np.array([np.any(np.asarray(a.scale) != np.asarray(b.scale), axis=1) for a, b in zip(acts, before)
+                      if np.any(np.asarray(a.scale) != np.asarray(b.scale))])
+    assert moved[:, 0].any() and moved[:, 1].any()
+    # Outside the block nothing changes.
+    for name in (k for k in q.params if not k.startswith(block + ".")):
+        for va, vb in zip(jax.tree_util.tree_leaves(q.params[name]), jax.tree_util.tree_leaves(tuned[name])):
+            np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
+
+
+def test_cli_finetune(model_dir, calib, tmp_path, capsys):
+    cal = calib_mod.save_calibration(calib, tmp_path / "cal")
+    qdir, out = tmp_path / "q", tmp_path / "qft"
+    assert cli.main(["quantize", str(model_dir), "--w-bits", "4", "--a-bits", "6", "--calib", str(cal),
+                     "--out", str(qdir)]) == 0
+    assert cli.main(["finetune", str(qdir), "--calib", str(cal), "--steps", "6", "--batch", "4",
+                     "--blocks", "mid_block", "up_blocks.1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "block output error" in text and "wrote" in text
+    recs = json.loads((out / "finetune.json").read_text())
+    assert [r["block"] for r in recs] == ["mid_block", "up_blocks.1"]
+    assert all(r["error_after"] <= r["error_before"] for r in recs)
+    q = jaxquant.load(qdir)
+    assert model_blocks(q.params) == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    ft = jaxquant.load(out)
+    x, t, _ = _calibration_pairs(q, calib)
+    assert np.all(np.isfinite(np.asarray(ft.apply(ft.params, jnp.asarray(x[:8]), jnp.asarray(t[:8])))))
+    assert ft.meta.extra["finetune"]["steps"] == 6 and ft.meta.extra["finetune"]["lr_relative"]
+    assert storage_report(ft.params).total_bytes == storage_report(jaxquant.load(qdir).params).total_bytes
+    assert cli.main(["finetune", str(qdir), "--calib", str(cal), "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_quality_table_names_for_reconstruction():
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args
+
+    cfg = parse_config("rd-w6a6-g10-sm50-rec300")
+    assert cfg["reconstruct_steps"] == 300
+    assert parse_config("aq-w4a8-ft100-sens-rmin1-rec50")["reconstruct_steps"] == 50
+    assert quantize_args("m", cfg, Path("c"), Path("w/q")) == quantize_args("m", parse_config("rd-w6a6-g10-sm50"),
+                                                                            Path("c"), Path("w/q"))
+
+
+def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized):
+    import re
+
+    from benchmarks.sample_drift import _without_act_quant, count_act_quant
+
+    _, q = quantized
+    paths = []
+
+    def visit(node, prefix):
+        for k, v in node.items():
+            p = f"{prefix}.{k}" if prefix else k
+            if is_act_quant(v):
+                paths.append(p)
+            elif isinstance(v, dict):
+                visit(v, p)
+
+    visit(q.params, "")
+    assert len(paths) == count_act_quant(q.params) > 0
+    for pattern in (r"attentions", r"^up_blocks\.1\.", r"\.(q|k|v)_quant$"):
+        want = sum(not re.search(pattern, p) for p in paths)
+        assert 0 < want < len(paths)
+        assert count_act_quant(_without_act_quant(q.params, pattern)) == want
+    assert count_act_quant(_without_act_quant(q.params)) == 0
