@@ -571,6 +571,22 @@ def _cmd_smooth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_refinement_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a command that refines a quantized model against its float model."""
+    parser.add_argument("model", help="quantized model directory")
+    parser.add_argument("--calib", required=True, help="calibration directory of the float model")
+    parser.add_argument("--float", default=None, help="the float model it was quantized from (default: the one "
+                                                      "its config.json names)")
+
+
+def _float_source(qmodel, args: argparse.Namespace) -> str:
+    """``--float``, else the float model the quantized model's config names."""
+    source = args.float or qmodel.meta.extra.get("quantized", {}).get("source")
+    if not source:
+        raise JaxquantError(f"{args.model} does not name the float model it was quantized from; pass --float")
+    return source
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     import json
 
@@ -581,9 +597,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from jaxquant.quant.aq_model import finetune_model
 
     qmodel = jaxquant.load(args.model)
-    source = args.float or qmodel.meta.extra.get("quantized", {}).get("source")
-    if not source:
-        raise JaxquantError(f"{args.model} does not name the float model it was quantized from; pass --float")
+    source = _float_source(qmodel, args)
     if args.steps <= 0:
         raise JaxquantError(f"--steps must be positive, got {args.steps}")
     params, records = finetune_model(qmodel, qmodel.params, jaxquant.load(source).params,
@@ -615,9 +629,7 @@ def _cmd_bias_correct(args: argparse.Namespace) -> int:
     from jaxquant.quant.bias_correction import BiasCorrectionConfig, bias_correct
 
     qmodel = jaxquant.load(args.model)
-    source = args.float or qmodel.meta.extra.get("quantized", {}).get("source")
-    if not source:
-        raise JaxquantError(f"{args.model} does not name the float model it was quantized from; pass --float")
+    source = _float_source(qmodel, args)
     result = bias_correct(qmodel, jaxquant.load(source), load_calibration(args.calib),
                           BiasCorrectionConfig(num_samples=args.samples, groups=args.groups,
                                                chunk_rows=args.chunk_rows))
@@ -841,10 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay fixed; weight scales, activation quantizers' scales (per timestep group, with "
                         "straight-through rounding), smoothing factors, biases and norms are tuned. A block keeps "
                         "its tuned values only if its error on held-out calibration pairs falls.")
-    ft.add_argument("model", help="quantized model directory")
-    ft.add_argument("--calib", required=True, help="calibration directory of the float model")
-    ft.add_argument("--float", default=None, help="the float model it was quantized from (default: the one its "
-                                                  "config.json names)")
+    _add_refinement_args(ft)
     ft.add_argument("--steps", type=int, default=200, help="Adam steps per block")
     ft.add_argument("--lr", type=float, default=3e-3,
                     help="learning rate, relative to each array's mean magnitude unless --absolute-lr")
@@ -861,10 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Empirical bias correction (Nagel et al. 2019) per timestep group: each dense "
                         "and conv layer's output is shifted so its mean over the calibration's inputs, per output "
                         "channel, equals the float model's, layers corrected in execution order.")
-    bc.add_argument("model", help="quantized model directory")
-    bc.add_argument("--calib", required=True, help="calibration directory of the float model")
-    bc.add_argument("--float", default=None, help="the float model it was quantized from (default: the one its "
-                                                  "config.json names)")
+    _add_refinement_args(bc)
     bc.add_argument("--samples", type=int, default=64, help="calibration trajectories used at every step")
     bc.add_argument("--groups", type=int, default=None, help="timestep groups (default: the calibration's)")
     bc.add_argument("--chunk-rows", type=int, default=256, help="inputs per forward pass")
