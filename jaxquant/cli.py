@@ -594,19 +594,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from jaxquant.calib import load_calibration
     from jaxquant.io.model_dir import save_model_dir
     from jaxquant.quant.accounting import storage_report
-    from jaxquant.quant.aq_model import finetune_model
+    from jaxquant.quant.aq_model import RECONSTRUCT_LR, finetune_model
 
     qmodel = jaxquant.load(args.model)
     source = _float_source(qmodel, args)
     if args.steps <= 0:
         raise JaxquantError(f"--steps must be positive, got {args.steps}")
+    lr = RECONSTRUCT_LR if args.lr is None else args.lr
     params, records = finetune_model(qmodel, qmodel.params, jaxquant.load(source).params,
-                                     load_calibration(args.calib), steps=args.steps, lr=args.lr,
+                                     load_calibration(args.calib), steps=args.steps, lr=lr,
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
                                      eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks)
     meta = qmodel.meta
     meta.extra = {**meta.extra, "finetune": {"float": str(source), "calibration": str(args.calib),
-                                             "steps": args.steps, "lr": args.lr,
+                                             "steps": args.steps, "lr": lr,
                                              "lr_relative": not args.absolute_lr, "batch": args.batch,
                                              "seed": args.seed, "blocks": [r["block"] for r in records]}}
     save_model_dir(args.out, meta, params)
@@ -855,8 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its tuned values only if its error on held-out calibration pairs falls.")
     _add_refinement_args(ft)
     ft.add_argument("--steps", type=int, default=200, help="Adam steps per block")
-    ft.add_argument("--lr", type=float, default=3e-3,
-                    help="learning rate, relative to each array's mean magnitude unless --absolute-lr")
+    ft.add_argument("--lr", type=float, default=None,
+                    help="learning rate, relative to each array's mean magnitude unless --absolute-lr (default "
+                    "jaxquant.quant.aq_model.RECONSTRUCT_LR, 3e-3)")
     ft.add_argument("--absolute-lr", action="store_true", help="use --lr as an absolute step (as AQ's fine-tuning)")
     ft.add_argument("--batch", type=int, default=8, help="calibration pairs per step")
     ft.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs deciding whether a block keeps its "
