@@ -42,6 +42,9 @@ Configurations are short names:
     rd-w6a6-g10-sm50-rec300 the model named without -recN, then block reconstruction with its
                             activation quantizers in place (jaxquant finetune --steps N on the
                             configuration's calibration); any method
+    aq-w2a8-ft100-sens-rmin1-rec300-net500
+                            ... then the whole network tuned end to end on its output error
+                            (jaxquant finetune --blocks network --steps N --lr NETWORK_LR)
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -71,13 +74,17 @@ from benchmarks.common import machine
 _SPEC = re.compile(r"(?P<method>uniform|aq|rd)-w(?P<w>\d+)a(?P<a>\d+|f)(?P<rest>(-[a-z0-9+]+)*)")
 
 
+#: The relative learning rate of the -netN end-to-end stage (BENCHMARKS, "End-to-end tuning").
+NETWORK_LR = 1e-3
+
+
 def parse_config(name: str) -> dict:
     """``{"method", "w_bits", "a_bits", "groups", "distortion"}`` of a configuration name."""
     if name == "fp":
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -108,6 +115,8 @@ def parse_config(name: str) -> dict:
             cfg["gptq"] = True
         elif re.fullmatch(r"rec\d+", part):
             cfg["reconstruct_steps"] = int(part[3:])
+        elif re.fullmatch(r"net\d+", part):
+            cfg["network_steps"] = int(part[3:])
         elif re.fullmatch(r"sm\d\d", part):
             cfg["smooth"] = int(part[2:]) / 100
         elif part in ("smauto", "smautom"):
@@ -186,6 +195,12 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     return argv
 
 
+def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path) -> list[str]:
+    """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration."""
+    return ["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
+            "--lr", str(NETWORK_LR), "--out", str(out)]
+
+
 def sample_labels(model, num: int) -> np.ndarray | None:
     """Class-balanced labels for class-conditional models (``None`` otherwise)."""
     from jaxquant.diffusion.pipeline import num_classes
@@ -261,15 +276,20 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                     raise SystemExit(f"smoothing for {name} failed")
         calib = calibrated(source, cfg["groups"], work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}")
         qdir = work / name
-        base = re.sub(r"-rec\d+", "", name)
+        base = re.sub(r"-(rec|net)\d+", "", name)
         quantized = work / base
         if not (quantized / "config.json").is_file():
             if cli(quantize_args(source, parse_config(base), calib, quantized)) != 0:
                 raise SystemExit(f"quantization {base} failed")
-        if cfg.get("reconstruct_steps") and not (qdir / "config.json").is_file():
+        reconstructed = work / re.sub(r"-net\d+", "", name)
+        if cfg.get("reconstruct_steps") and not (reconstructed / "config.json").is_file():
             if cli(["finetune", str(quantized), "--calib", str(calib), "--steps", str(cfg["reconstruct_steps"]),
-                    "--out", str(qdir)]) != 0:
+                    "--out", str(reconstructed)]) != 0:
                 raise SystemExit(f"block reconstruction {name} failed")
+        if cfg.get("network_steps") and not (qdir / "config.json").is_file():
+            if cli(network_args(reconstructed if cfg.get("reconstruct_steps") else quantized, calib,
+                                cfg["network_steps"], qdir)) != 0:
+                raise SystemExit(f"end-to-end tuning {name} failed")
     t_quant = time.time() - t0
     model = jaxquant.load(str(qdir))
     rep = storage_report(model.params)

@@ -606,10 +606,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
                                      eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks)
     meta = qmodel.meta
+    earlier = list(meta.extra.get("finetune_earlier", []))
+    if "finetune" in meta.extra:  # a model tuned before (blocks, then the network): keep that record too
+        earlier.append(meta.extra["finetune"])
     meta.extra = {**meta.extra, "finetune": {"float": str(source), "calibration": str(args.calib),
                                              "steps": args.steps, "lr": lr,
                                              "lr_relative": not args.absolute_lr, "batch": args.batch,
                                              "seed": args.seed, "blocks": [r["block"] for r in records]}}
+    if earlier:
+        meta.extra["finetune_earlier"] = earlier
     save_model_dir(args.out, meta, params)
     (Path(args.out) / "finetune.json").write_text(json.dumps(records, indent=1))
     for r in records:
@@ -863,7 +868,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch", type=int, default=8, help="calibration pairs per step")
     ft.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs deciding whether a block keeps its "
                                                                "tuned values")
-    ft.add_argument("--blocks", nargs="+", default=None, help="only these blocks (default: all, in order)")
+    ft.add_argument("--blocks", nargs="+", default=None,
+                    help="only these blocks, in this order (default: all, in execution order); 'network' is the "
+                    "whole network tuned end to end on its output error (every float array trains), e.g. after "
+                    "the blocks: --blocks network on a block-tuned model")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--out", required=True, help="output model directory")
     ft.set_defaults(fn=_cmd_finetune)

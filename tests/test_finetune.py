@@ -14,8 +14,8 @@ from jaxquant import cli
 from jaxquant.calib import calibration as calib_mod
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant, is_act_quant, round_ste, timestep_group
-from jaxquant.quant.aq_model import (_calibration_pairs, block_output_error, block_units, finetune_block,
-                                     model_blocks)
+from jaxquant.quant.aq_model import (NETWORK, _calibration_pairs, block_of, block_output_error, block_units,
+                                     finetune_block, model_blocks)
 from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
 from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig
 
@@ -129,6 +129,40 @@ def test_finetune_block_tunes_scales_and_keeps_codes_and_zero_points(quantized, 
             np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
 
 
+def test_network_error_is_the_output_error_the_long_way(quantized, calib):
+    """The NETWORK pseudo-block's error is ‖ε_q − ε_f‖² / ‖ε_f‖² of the whole network's
+    output over all calibration pairs, each run by the model's own forward (which picks
+    each timestep's activation group itself)."""
+    m, q = quantized
+    x, t, _ = _calibration_pairs(q, calib)
+    num = den = 0.0
+    for i in range(0, len(t), 8):
+        xb, tb = jnp.asarray(x[i:i + 8]), jnp.asarray(t[i:i + 8])
+        eq = np.asarray(q.apply(q.params, xb, tb), np.float64)
+        ef = np.asarray(m.apply(m.params, xb, tb), np.float64)
+        num, den = num + np.sum((eq - ef) ** 2), den + np.sum(ef ** 2)
+    got = block_output_error(q, q.params, m.params, NETWORK, calib, num_pairs=None, batch_size=4)
+    np.testing.assert_allclose(got, num / den, rtol=1e-4)
+    assert block_units(q.params, NETWORK) == [(k,) for k in q.params]
+
+
+def test_network_stage_tunes_end_to_end(quantized, calib):
+    """End-to-end tuning lowers the output error and trains float leaves in and outside the
+    blocks (the embeddings too); codes stay."""
+    m, q = quantized
+    tuned, rec = finetune_block(q, q.params, m.params, NETWORK, calib, steps=16, lr=3e-3, batch_size=4,
+                                lr_relative=True)
+    assert rec["block"] == NETWORK and rec["kept"] and rec["error_after"] < rec["error_before"]
+    changed = set()
+    for name in q.params:
+        for va, vb in zip(jax.tree_util.tree_leaves(q.params[name]), jax.tree_util.tree_leaves(tuned[name])):
+            if not np.issubdtype(np.asarray(va).dtype, np.floating):
+                np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))  # codes
+            elif not np.array_equal(np.asarray(va), np.asarray(vb)):
+                changed.add(name)
+    assert {block_of(n) for n in changed} >= {None, *model_blocks(q.params)}
+
+
 def test_cli_finetune(model_dir, calib, tmp_path, capsys):
     cal = calib_mod.save_calibration(calib, tmp_path / "cal")
     qdir, out = tmp_path / "q", tmp_path / "qft"
@@ -154,13 +188,18 @@ def test_cli_finetune(model_dir, calib, tmp_path, capsys):
 def test_quality_table_names_for_reconstruction():
     from pathlib import Path
 
-    from benchmarks.quality_table import parse_config, quantize_args
+    from benchmarks.quality_table import NETWORK_LR, network_args, parse_config, quantize_args
 
     cfg = parse_config("rd-w6a6-g10-sm50-rec300")
     assert cfg["reconstruct_steps"] == 300
     assert parse_config("aq-w4a8-ft100-sens-rmin1-rec50")["reconstruct_steps"] == 50
     assert quantize_args("m", cfg, Path("c"), Path("w/q")) == quantize_args("m", parse_config("rd-w6a6-g10-sm50"),
                                                                             Path("c"), Path("w/q"))
+    net = parse_config("aq-w2a8-ft100-sens-rmin1-rec300-net500")
+    assert net["reconstruct_steps"] == 300 and net["network_steps"] == 500
+    argv = network_args(Path("w/q-rec300"), Path("c"), 500, Path("w/q-rec300-net500"))
+    args = cli.build_parser().parse_args(argv)
+    assert args.blocks == [NETWORK] and args.steps == 500 and args.lr == NETWORK_LR
 
 
 def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized):

@@ -426,9 +426,17 @@ def _block_order(block: str) -> tuple:
     return (_STAGE[tail[-1]], 0, block)
 
 
+#: The pseudo-block of :func:`finetune_block` that is the whole network: every top-level
+#: module trains, and the loss is the error of the network's output (end-to-end tuning).
+NETWORK = "network"
+
+
 def block_units(params: dict, block: str) -> list[tuple[str, ...]]:
     """Parameter paths of a block's top-level sub-modules (its resnets, attentions,
-    samplers), in tree order; module scopes have the same paths."""
+    samplers), in tree order; module scopes have the same paths. For :data:`NETWORK`, every
+    top-level entry of ``params``."""
+    if block == NETWORK:
+        return [(k,) for k in params]
     units: list[tuple[str, ...]] = []
 
     def visit(node: dict, path: tuple[str, ...]) -> None:
@@ -490,10 +498,17 @@ def _calibration_pairs(model, calib) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return x, t, y
 
 
+def _loss_outputs(block: str, units: tuple) -> tuple:
+    """Module paths whose outputs a block's loss compares: the block's units, or for
+    :data:`NETWORK` the root module (the network's output)."""
+    return ((),) if block == NETWORK else units
+
+
 def _unit_outputs(module, units: tuple, params: dict, x, t, y, g=None) -> list:
     """Outputs of the modules at ``units`` in a forward pass (the network after them is
-    dead code, which XLA drops). ``g``: the timestep group of the whole batch, to which
-    per-group leaves (activation quantizers, …) are narrowed; ``None`` when there are none."""
+    dead code, which XLA drops); the path ``()`` is the root module, whose output is the
+    network's. ``g``: the timestep group of the whole batch, to which per-group leaves
+    (activation quantizers, …) are narrowed; ``None`` when there are none."""
     wanted = set(units)
     if g is not None:
         params = at_timestep_group(params, g)
@@ -532,15 +547,18 @@ def _assemble(units: tuple, treedef, train_idx: tuple, leaves: list, theta: list
     return _set_paths(base, dict(zip(units, jax.tree_util.tree_unflatten(treedef, ls))))
 
 
-@partial(xla.jit, static_argnames=("module", "units", "treedef", "train_idx", "lr"))
+@partial(xla.jit, static_argnames=("module", "units", "treedef", "train_idx", "lr", "outs"))
 def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leaves, base, ref, x, t, y, g=None,
-                   step_units=None):
+                   step_units=None, outs=None):
+    """One Adam step on the trainable leaves of ``units``; the loss compares the outputs of
+    the modules at ``outs`` (default: ``units``)."""
     import optax
 
-    target = jax.lax.stop_gradient(_unit_outputs(module, units, ref, x, t, y, g))
+    outs = units if outs is None else outs
+    target = jax.lax.stop_gradient(_unit_outputs(module, outs, ref, x, t, y, g))
 
     def loss_fn(th):
-        q = _unit_outputs(module, units, _assemble(units, treedef, train_idx, leaves, th, base), x, t, y, g)
+        q = _unit_outputs(module, outs, _assemble(units, treedef, train_idx, leaves, th, base), x, t, y, g)
         return _mean_relative_error(q, target)
 
     loss, grads = jax.value_and_grad(loss_fn)(theta)
@@ -567,26 +585,28 @@ CODE_STEP_SCALES = (1.0, 0.5, 0.25)
 CODE_BUDGET_FRACTIONS = (1.0, 0.25, 0.0625, 0.015625)
 
 
-def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, units: tuple, budget: float,
+def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, outs: tuple, budget: float,
                xtx: dict, batch: tuple, pairs, select: np.ndarray, batch_size: int, groups: np.ndarray | None = None,
                g: Any = None) -> tuple[dict | None, int]:
     """One PV-style code update of the block's AQ layers (see :func:`finetune_block`).
 
     The gradient comes from ``batch`` ``(x, t, y)``, the choice among candidates from the
-    block error on the calibration ``pairs`` at indices ``select``. Returns the tree with
+    block error (the outputs of the modules at ``outs``) on the calibration ``pairs`` at
+    indices ``select``. Returns the tree with
     new codes and the number of codes changed, or ``(None, 0)`` when no candidate lowers
     that error.
     """
     from jaxquant.quant.additive import AQWeight, greedy_code_update
     from jaxquant.quant.uniform import as_matrix
 
-    names = [n for n, k in layer_kernels(tree).items() if block_of(n) == block and isinstance(k, AQWeight)]
+    names = [n for n, k in layer_kernels(tree).items()
+             if (block == NETWORK or block_of(n) == block) and isinstance(k, AQWeight)]
     if not names:
         return None, 0
     paths = tuple(tuple(_split_name(tree, n)) + ("kernel",) for n in names)
     weights = [_get(tree, p) for p in paths]
     dense = [w.dequantize(jnp.float32) for w in weights]
-    _, grads = _kernel_grads(model.module, units, paths, dense, tree, ref, *batch, g)
+    _, grads = _kernel_grads(model.module, outs, paths, dense, tree, ref, *batch, g)
     layers = []  # (path, weight, Ŵ, unit step D/κ, metric H)
     for name, p, w, wq, grad in zip(names, paths, weights, dense, grads):
         wq_m, g_m = as_matrix(wq), as_matrix(grad)
@@ -600,7 +620,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
         if kappa > 0:
             layers.append((p, w, wq_m, jnp.linalg.solve(h, g_m.T).T / kappa, h))
     best, best_changed = None, 0
-    best_loss = _block_error(model, units, tree, ref, pairs, select, batch_size, groups)
+    best_loss = _block_error(model, outs, tree, ref, pairs, select, batch_size, groups)
     for scale in CODE_STEP_SCALES:
         for frac in CODE_BUDGET_FRACTIONS:
             updates, changed = {}, 0
@@ -611,7 +631,7 @@ def _code_step(model, block: str, tree: dict, float_params: dict, ref: dict, uni
             if changed == 0:
                 continue
             candidate = _set_paths(tree, updates)
-            cand_loss = _block_error(model, units, candidate, ref, pairs, select, batch_size, groups)
+            cand_loss = _block_error(model, outs, candidate, ref, pairs, select, batch_size, groups)
             if cand_loss < best_loss:
                 best, best_loss, best_changed = candidate, cand_loss, changed
     return best, best_changed
@@ -672,7 +692,8 @@ def block_output_error(model, params: dict, float_params: dict, block: str, cali
     pairs = _calibration_pairs(model, calib)
     units = tuple(block_units(params, block))
     ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
-    return _block_error(model, units, params, ref_params, pairs, _eval_indices(len(pairs[0]), num_pairs, seed),
+    return _block_error(model, _loss_outputs(block, units), params, ref_params, pairs,
+                        _eval_indices(len(pairs[0]), num_pairs, seed),
                         batch_size, _pair_groups(model, params, pairs))
 
 
@@ -723,6 +744,13 @@ def finetune_block(
     their stored dtypes and kept only if the error on a fixed subset of ``eval_pairs``
     pairs, held out of the training minibatches, falls.
 
+    ``block`` may be :data:`NETWORK`: then every floating-point array of the model trains
+    (the float first and last layers and the embeddings too) and the loss is the relative
+    error of the network's output against ``float_params``' on the same calibration inputs,
+    end to end, as AQLM's global fine-tuning (here on the denoiser's output, not on a
+    language model's logits). Run after the blocks, it tunes what block-wise tuning cannot
+    see: errors that blocks pass to one another.
+
     With activation quantizers in ``params`` the block is tuned with its activations
     quantized: their rounding passes gradients straight through and their scales learn
     as in LSQ (:func:`~jaxquant.quant.activation.fake_quant`). Quantizers with several
@@ -759,6 +787,7 @@ def finetune_block(
     pairs = _calibration_pairs(model, calib)
     n_pairs = len(pairs[0])
     units = tuple(block_units(params, block))
+    outs = _loss_outputs(block, units)
     ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
     groups = _pair_groups(model, params, pairs)
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path([_get(params, u) for u in units])
@@ -768,7 +797,7 @@ def finetune_block(
     seed = _seed_of(key, "finetune:" + block)
     eval_idx = _eval_indices(n_pairs, eval_pairs, seed)
 
-    before = _block_error(model, units, params, ref_params, pairs, eval_idx, batch_size, groups)
+    before = _block_error(model, outs, params, ref_params, pairs, eval_idx, batch_size, groups)
     theta = [leaves[i].astype(jnp.float32) for i in train_idx]
     step_units = None
     if lr_relative:
@@ -798,12 +827,12 @@ def finetune_block(
             g = jnp.asarray(gi, jnp.int32)
         xb, tb, yb = jnp.asarray(x[j]), jnp.asarray(t[j]), None if y is None else jnp.asarray(y[j])
         theta, opt_state, _ = _finetune_step(model.module, units, treedef, train_idx, float(lr), theta, opt_state,
-                                             leaves, params, ref_params, xb, tb, yb, g, step_units)
+                                             leaves, params, ref_params, xb, tb, yb, g, step_units, outs)
         if code_update_every and (step + 1) % code_update_every == 0:
             tried += 1
             tree = _assemble(units, treedef, train_idx, leaves, theta, params)
             select = np.sort(rng.choice(pool, min(len(pool), 4 * bs), replace=False))  # a fresh selection batch
-            new_tree, n = _code_step(model, block, tree, float_params, ref_params, units, code_budget,
+            new_tree, n = _code_step(model, block, tree, float_params, ref_params, outs, code_budget,
                                      getattr(calib, "xtx", None) or {}, (xb, tb, yb), pairs, select, bs, groups, g)
             if new_tree is not None:  # take the new codes; the float leaves stay in theta
                 new_leaves = jax.tree_util.tree_leaves([_get(new_tree, u) for u in units])
@@ -811,7 +840,7 @@ def finetune_block(
                 accepted, changed = accepted + 1, changed + n
     stored = [v.astype(leaves[i].dtype) for i, v in zip(train_idx, theta)]
     tuned = _assemble(units, treedef, train_idx, leaves, stored, params)
-    after = _block_error(model, units, tuned, ref_params, pairs, eval_idx, batch_size, groups) if steps > 0 else before
+    after = _block_error(model, outs, tuned, ref_params, pairs, eval_idx, batch_size, groups) if steps > 0 else before
     kept = after < before
     rec = {"block": block, "steps": int(steps), "error_before": before, "error_after": after if kept else before,
            "kept": bool(kept), "seconds": round(time.perf_counter() - t0, 3)}
@@ -861,7 +890,8 @@ def finetune_model(
         smoothed model, the smoothed float model it was quantized from).
       calib: the calibration (model inputs along the float model's trajectories).
       steps, lr, lr_relative, batch_size, eval_pairs, key: as :func:`finetune_block`.
-      blocks: the blocks to tune (default :func:`model_blocks`).
+      blocks: the blocks to tune, in this order (default :func:`model_blocks`);
+        :data:`NETWORK` is the whole network, tuned end to end (see :func:`finetune_block`).
       progress: show a progress bar.
 
     Returns:
