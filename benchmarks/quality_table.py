@@ -254,6 +254,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
 
     cfg = parse_config(name)
     t0 = time.time()
+    stages: list[str] = []  # the stages this run executed (none: the model dir was reused as it is)
     if cfg["method"] == "fp":
         qdir = args.model
     else:
@@ -265,6 +266,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                         "--cfg-scale", str(args.cfg_scale), "--out", str(out)]
                 if cli(argv) != 0:
                     raise SystemExit(f"calibration for {name} failed")
+                stages.append("calibrate")
             return out
 
         source = args.model
@@ -274,6 +276,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                 float_calib = calibrated(args.model, 1, work / "calib-g1")
                 if cli(smooth_args(args.model, cfg, float_calib, Path(source))) != 0:
                     raise SystemExit(f"smoothing for {name} failed")
+                stages.append("smooth")
         calib = calibrated(source, cfg["groups"], work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}")
         qdir = work / name
         base = re.sub(r"-(rec|net)\d+", "", name)
@@ -281,15 +284,18 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
         if not (quantized / "config.json").is_file():
             if cli(quantize_args(source, parse_config(base), calib, quantized)) != 0:
                 raise SystemExit(f"quantization {base} failed")
+            stages.append("quantize")
         reconstructed = work / re.sub(r"-net\d+", "", name)
         if cfg.get("reconstruct_steps") and not (reconstructed / "config.json").is_file():
             if cli(["finetune", str(quantized), "--calib", str(calib), "--steps", str(cfg["reconstruct_steps"]),
                     "--out", str(reconstructed)]) != 0:
                 raise SystemExit(f"block reconstruction {name} failed")
+            stages.append("reconstruct")
         if cfg.get("network_steps") and not (qdir / "config.json").is_file():
             if cli(network_args(reconstructed if cfg.get("reconstruct_steps") else quantized, calib,
                                 cfg["network_steps"], qdir)) != 0:
                 raise SystemExit(f"end-to-end tuning {name} failed")
+            stages.append("network")
     t_quant = time.time() - t0
     model = jaxquant.load(str(qdir))
     rep = storage_report(model.params)
@@ -304,7 +310,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     return {"config": cfg, "model_dir": str(qdir), "total_bytes": rep.total_bytes,
             "bits_per_weight": rep.bits_per_weight, "bits_per_quantized_weight": rep.bits_per_quantized_weight,
             "denoiser_bits_per_weight": denoiser_bits_per_weight(rep),
-            "images_per_s": ips, "quantize_s": round(t_quant, 1), "metrics": metrics}
+            "images_per_s": ips, "quantize_s": round(t_quant, 1) if stages else None, "quantize_stages": stages,
+            "metrics": metrics}
 
 
 def denoiser_bits_per_weight(rep) -> float:
