@@ -375,7 +375,7 @@ def main() -> None:
                                                                      if k in result}}
     result.setdefault("date", time.strftime("%Y-%m-%d"))
     result.setdefault("machine", machine())
-    print(result["machine"])
+    print(machine())  # this run's machine; result["machine"] is the file's first
     from jaxquant import xla
 
     for name in args.configs:
