@@ -45,6 +45,11 @@ Configurations are short names:
     aq-w2a8-ft100-sens-rmin1-rec300-net500
                             ... then the whole network tuned end to end on its output error
                             (jaxquant finetune --blocks network --steps N --lr NETWORK_LR)
+    ...-net600-nc256        ... the network stage on its own calibration of 256 trajectories (no XᵀX,
+                            calib-gG-n256; the other stages keep the --calib-samples one)
+    ...-net600-nq256        ... on 256 trajectories of the model entering the network stage (its own
+                            sampling states, on-policy; no XᵀX, in NAME-WITHOUT-NET-calib-n256); the
+                            targets are still the float model's outputs at those inputs
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -84,7 +89,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-ncK|-nqK] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -117,6 +122,9 @@ def parse_config(name: str) -> dict:
             cfg["reconstruct_steps"] = int(part[3:])
         elif re.fullmatch(r"net\d+", part):
             cfg["network_steps"] = int(part[3:])
+        elif re.fullmatch(r"n[cq]\d+", part):
+            cfg["network_calib_samples"] = int(part[2:])
+            cfg["network_calib_on_policy"] = part[1] == "q"
         elif re.fullmatch(r"sm\d\d", part):
             cfg["smooth"] = int(part[2:]) / 100
         elif part in ("smauto", "smautom"):
@@ -195,6 +203,22 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     return argv
 
 
+def stage_names(name: str) -> tuple[str, str]:
+    """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
+    name without the tuning stages' parts, and without the network stage's."""
+    return re.sub(r"-(rec|net|nc|nq)\d+", "", name), re.sub(r"-(net|nc|nq)\d+", "", name)
+
+
+def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
+    """The calibration of a ``-ncK`` / ``-nqK`` network stage: K trajectories of the float
+    (or smoothed) source, shared by all configurations, or of the model ``tuned_from``
+    entering the network stage, its own."""
+    k = cfg["network_calib_samples"]
+    if cfg["network_calib_on_policy"]:
+        return work / f"{tuned_from}-calib-n{k}"
+    return work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}-n{k}"
+
+
 def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path) -> list[str]:
     """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration."""
     return ["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
@@ -258,12 +282,13 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     if cfg["method"] == "fp":
         qdir = args.model
     else:
-        def calibrated(model: str, groups: int, out: Path) -> Path:
+        def calibrated(model: str, groups: int, out: Path, num: int | None = None, xtx: bool = True) -> Path:
             meta = out / "calibration.json"
+            num = args.calib_samples if num is None else num
             if not (meta.is_file() and json.loads(meta.read_text()).get("complete")):
-                argv = ["calibrate", model, "--groups", str(groups), "--num-samples", str(args.calib_samples),
-                        "--steps", str(args.steps), "--batch-size", str(min(32, args.calib_samples)),
-                        "--cfg-scale", str(args.cfg_scale), "--out", str(out)]
+                argv = ["calibrate", model, "--groups", str(groups), "--num-samples", str(num),
+                        "--steps", str(args.steps), "--batch-size", str(min(32, num)),
+                        "--cfg-scale", str(args.cfg_scale), "--out", str(out)] + ([] if xtx else ["--no-xtx"])
                 if cli(argv) != 0:
                     raise SystemExit(f"calibration for {name} failed")
                 stages.append("calibrate")
@@ -279,21 +304,26 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                 stages.append("smooth")
         calib = calibrated(source, cfg["groups"], work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}")
         qdir = work / name
-        base = re.sub(r"-(rec|net)\d+", "", name)
+        base, rec_name = stage_names(name)
         quantized = work / base
         if not (quantized / "config.json").is_file():
             if cli(quantize_args(source, parse_config(base), calib, quantized)) != 0:
                 raise SystemExit(f"quantization {base} failed")
             stages.append("quantize")
-        reconstructed = work / re.sub(r"-net\d+", "", name)
+        reconstructed = work / rec_name
         if cfg.get("reconstruct_steps") and not (reconstructed / "config.json").is_file():
             if cli(["finetune", str(quantized), "--calib", str(calib), "--steps", str(cfg["reconstruct_steps"]),
                     "--out", str(reconstructed)]) != 0:
                 raise SystemExit(f"block reconstruction {name} failed")
             stages.append("reconstruct")
         if cfg.get("network_steps") and not (qdir / "config.json").is_file():
-            if cli(network_args(reconstructed if cfg.get("reconstruct_steps") else quantized, calib,
-                                cfg["network_steps"], qdir)) != 0:
+            tuned_from = reconstructed if cfg.get("reconstruct_steps") else quantized
+            net_calib, k = calib, cfg.get("network_calib_samples")
+            if k:
+                of = str(tuned_from) if cfg["network_calib_on_policy"] else source
+                net_calib = calibrated(of, cfg["groups"], network_calib_dir(cfg, work, tuned_from.name), k,
+                                       xtx=False)
+            if cli(network_args(tuned_from, net_calib, cfg["network_steps"], qdir)) != 0:
                 raise SystemExit(f"end-to-end tuning {name} failed")
             stages.append("network")
     t_quant = time.time() - t0

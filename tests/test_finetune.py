@@ -202,6 +202,24 @@ def test_quality_table_names_for_reconstruction():
     assert args.blocks == [NETWORK] and args.steps == 500 and args.lr == NETWORK_LR
 
 
+def test_quality_table_names_for_the_network_stages_calibration():
+    from pathlib import Path
+
+    from benchmarks.quality_table import network_calib_dir, parse_config, stage_names
+
+    name = "aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256"
+    cfg = parse_config(name)
+    assert cfg["network_calib_samples"] == 256 and cfg["network_calib_on_policy"]
+    assert stage_names(name) == ("aq-w4a8-ft100-sens-rmin1", "aq-w4a8-ft100-sens-rmin1-rec300")
+    own = network_calib_dir(cfg, Path("w"), stage_names(name)[1])
+    assert own == Path("w/aq-w4a8-ft100-sens-rmin1-rec300-calib-n256")
+    shared = parse_config("rd-w6a6-g10-sm50-net600-nc128")
+    assert not shared["network_calib_on_policy"]
+    assert stage_names("rd-w6a6-g10-sm50-net600-nc128") == ("rd-w6a6-g10-sm50", "rd-w6a6-g10-sm50")
+    assert network_calib_dir(shared, Path("w"), "rd-w6a6-g10-sm50") == Path("w/calib-g10-sm50-n128")
+    assert "network_calib_samples" not in parse_config("aq-w4a8-ft100-rec300-net600")
+
+
 def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized):
     import re
 
