@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -332,9 +333,11 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     npz = work / f"{name}-samples.npz"
     if not npz.is_file():
         labels = sample_labels(model, args.num)
+        partial = work / f"{name}-samples.partial"  # finished batches: a killed run resumes there
         imgs = generate(model, args.num, steps=args.steps, seed=args.seed, batch_size=args.batch,
-                        labels=labels, cfg_scale=args.cfg_scale)
+                        labels=labels, cfg_scale=args.cfg_scale, resume_dir=partial)
         save_samples_npz(imgs, npz, labels)
+        shutil.rmtree(partial)
     metrics = {f: evaluate(str(npz), args.ref, f, progress=False) for f in args.features}
     ips = throughput(model, args.steps, args.batch, args.cfg_scale)
     return {"config": cfg, "model_dir": str(qdir), "total_bytes": rep.total_bytes,

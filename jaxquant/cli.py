@@ -169,7 +169,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     steps = default_steps(model) if args.steps is None else args.steps
     batch = min(64, total) if args.batch_size is None else args.batch_size
     images = generate(model, total, steps=steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                      batch_size=batch, labels=labels, cfg_scale=args.cfg_scale)
+                      batch_size=batch, labels=labels, cfg_scale=args.cfg_scale, resume_dir=args.resume)
     npz = save_samples_npz(images, args.out, labels)
     scale = 2 if images.shape[1] < 64 else 1
     png_path = Path(args.out).with_suffix(".png")
@@ -719,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight")
     s.add_argument("--seed", type=int, default=0, help="batch b starts from noise of fold_in(key(seed), b)")
+    s.add_argument("--resume", default=None, metavar="DIR",
+                   help="keep finished batches in DIR, so that the same command after a kill samples only the "
+                   "missing ones (same images as an uninterrupted run); delete DIR once the .npz is written")
     s.add_argument("--batch-size", type=int, default=None,
                    help="images per jitted call (default: 64, or the number of images if fewer)")
     s.add_argument("--grid", type=int, default=None, help="images in the PNG grid without class labels (default 64)")

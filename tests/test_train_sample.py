@@ -95,3 +95,25 @@ def test_params_of_another_architecture_are_refused(trained, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape of"):
         jaxquant.load(bad)
+
+
+def test_sampling_resumes_from_its_finished_batches(model_dir, tmp_path, monkeypatch):
+    """A killed sampling run started again samples only the missing batches, and the images
+    equal an uninterrupted run's; a resume directory of other settings is refused."""
+    from jaxquant.diffusion import pipeline
+
+    model = jaxquant.load(model_dir)
+    whole = pipeline.generate(model, 7, steps=2, seed=3, batch_size=3, progress=False)
+    store = tmp_path / "partial"
+    first = pipeline.generate(model, 7, steps=2, seed=3, batch_size=3, progress=False, resume_dir=store)
+    np.testing.assert_array_equal(first, whole)
+    assert sorted(p.name for p in store.glob("batch-*.npy")) == [f"batch-0000{b}.npy" for b in range(3)]
+    (store / "batch-00001.npy").unlink()  # as if killed while sampling batch 1
+    calls = []
+    real = pipeline.initial_noise
+    monkeypatch.setattr(pipeline, "initial_noise", lambda key, shape: calls.append(shape) or real(key, shape))
+    resumed = pipeline.generate(model, 7, steps=2, seed=3, batch_size=3, progress=False, resume_dir=store)
+    np.testing.assert_array_equal(resumed, whole)
+    assert len(calls) == 1  # only batch 1 was sampled again
+    with pytest.raises(CheckpointError, match="other settings"):
+        pipeline.generate(model, 7, steps=2, seed=4, batch_size=3, progress=False, resume_dir=store)

@@ -15,7 +15,11 @@ the plain conditional model, evaluated without the doubled batch.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import zlib
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,7 +29,8 @@ from tqdm.auto import tqdm
 
 from jaxquant.diffusion.guidance import guided_eps
 from jaxquant.diffusion.samplers import initial_noise, make_sampler
-from jaxquant.errors import ConfigError
+from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.io.model_dir import params_digest
 from jaxquant.images import to_uint8
 from jaxquant import xla
 
@@ -199,6 +204,7 @@ def generate(
     labels: Sequence[int] | np.ndarray | None = None,
     cfg_scale: float = 1.0,
     progress: bool = True,
+    resume_dir: str | os.PathLike | None = None,
 ) -> np.ndarray:
     """Sample ``num`` images from ``model`` (a :class:`jaxquant.Model`) as uint8 NHWC.
 
@@ -225,12 +231,19 @@ def generate(
         model. Other values need a model with an unconditional label (``ldm`` with a
         class embedder).
       progress: show a progress bar (one tick per batch).
+      resume_dir: where finished batches are kept (one ``.npy`` each, written as it
+        finishes) so that a killed run started again with the same directory and
+        arguments samples only the missing batches; the images are the same as those of
+        an uninterrupted run, since each batch depends only on its index. The directory
+        records the settings and a digest of the parameters, and is left in place (delete
+        it once the images are saved).
 
     Returns:
       uint8 ``[num, H, W, C]`` (``H = W = network_config.decoded_size`` for ``ldm``).
 
     Raises:
       ConfigError: bad ``num``/``batch_size``, labels or guidance scale, or sampler settings.
+      CheckpointError: ``resume_dir`` holds batches of other settings or parameters.
     """
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
         raise ConfigError(f"num must be a positive integer (got {num!r})")
@@ -243,16 +256,64 @@ def generate(
 
     shape = (batch_size, *model.sample_shape)
     base = jax.random.key(seed)
-    out = []
     n_batches = -(-num // batch_size)
+    store = None
+    if resume_dir is not None:
+        store = _BatchStore(resume_dir, {
+            "num": num, "steps": steps, "sampler": sampler, "eta": float(eta), "seed": seed,
+            "batch_size": batch_size, "cfg_scale": cfg_scale,
+            "labels": None if labels is None else zlib.crc32(np.asarray(labels, np.int64).tobytes()),
+            "params": params_digest(model.params)})
+    out: list[np.ndarray | None] = [None if store is None else store.load(b) for b in range(n_batches)]
+    todo = [b for b in range(n_batches) if out[b] is None]
     desc = f"sample {sampler}-{steps}" + (f" cfg {cfg_scale:g}" if cfg_scale != 1.0 else "")
-    for b in tqdm(range(n_batches), desc=desc, disable=not progress, unit="batch"):
+    for b in tqdm(todo, desc=desc, disable=not progress, unit="batch", initial=n_batches - len(todo),
+                  total=n_batches):
         key = jax.random.fold_in(base, b)
         y = None
         if labels is not None:
             yb = labels[b * batch_size:(b + 1) * batch_size]
             y = jnp.asarray(np.pad(yb, (0, batch_size - len(yb))))
         x0 = run(model.params, initial_noise(key, shape), key, y)
-        out.append(np.asarray(x0))
+        out[b] = np.asarray(x0)
+        if store is not None:
+            store.save(b, out[b])
     x = np.concatenate(out)[:num]
     return to_uint8(x)
+
+
+class _BatchStore:
+    """A directory of finished sampling batches (``batch-NNNNN.npy``) and the settings they
+    were sampled with (``settings.json``); see :func:`generate`'s ``resume_dir``."""
+
+    FORMAT = "jaxquant-samples-progress"
+
+    def __init__(self, path: str | os.PathLike, settings: dict) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta = self.path / "settings.json"
+        record = {"format": self.FORMAT, "version": 1, "settings": settings}
+        if meta.is_file():
+            try:
+                stored = json.loads(meta.read_text())
+            except json.JSONDecodeError:
+                stored = None
+            if stored != record:
+                raise CheckpointError(
+                    f"{self.path} holds sampling batches of other settings or parameters than this run's "
+                    f"({stored.get('settings') if isinstance(stored, dict) else 'unreadable settings.json'} "
+                    f"against {settings}); delete it or pass another resume_dir")
+        else:
+            meta.write_text(json.dumps(record, indent=1))
+
+    def _file(self, b: int) -> Path:
+        return self.path / f"batch-{b:05d}.npy"
+
+    def load(self, b: int) -> np.ndarray | None:
+        f = self._file(b)
+        return np.load(f) if f.is_file() else None
+
+    def save(self, b: int, x: np.ndarray) -> None:
+        tmp = self.path / f".batch-{b:05d}.tmp.npy"
+        np.save(tmp, x)
+        os.replace(tmp, self._file(b))  # a kill mid-write leaves no truncated batch behind

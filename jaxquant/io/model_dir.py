@@ -174,6 +174,23 @@ def load_model_dir(name_or_path: str | os.PathLike) -> tuple[ModelDirMeta, dict]
     return meta, from_storable(params, manifest)
 
 
+def params_digest(params: Any) -> str:
+    """A 128-bit BLAKE2 hex digest of a parameter tree: every leaf's path, dtype, shape and
+    bytes. Progress stores (AQ layers, resumable sampling) record it to refuse resuming
+    with other parameters."""
+    import hashlib
+
+    import jax
+
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def array_checksums(tree: dict) -> dict[str, int]:
     """``{dotted path: CRC-32}`` of every array of a nested dict (dtype and shape included)."""
     import zlib
