@@ -21,6 +21,8 @@ Configurations are short names:
                             by measured layer sensitivity, may be named with -sens)
     aq-w2a8-ft100-rmin1     ... no layer below 1 code bit per weight (--aq-min-code-bits 1, the CLI's
                             default; 0p5: 0.5). Without -rminR: no floor (--aq-min-code-bits 0)
+    aq-w2a8-ft100-it15      ... at most 15 rounds of codebook updates and code search per layer
+                            (--aq-rounds 15; default 5)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
     rd-w6a6-g10-wmin5       ... no weight layer below 5 bits (--rd-min-w-bits 5)
     rd-w4a4-g10-la2         ... distortion of x̂₀ two float DDIM steps after the perturbed one
@@ -90,7 +92,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-ncK|-nqK] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-ncK|-nqK] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -101,6 +103,8 @@ def parse_config(name: str) -> dict:
             cfg["finetune_steps"] = int(part[2:])
         elif re.fullmatch(r"cu\d+", part) and m["method"] == "aq":
             cfg["code_update_every"] = int(part[2:])
+        elif re.fullmatch(r"it\d+", part) and m["method"] == "aq":
+            cfg["aq_rounds"] = int(part[2:])
         elif re.fullmatch(r"rmin\d+(p\d+)?", part) and m["method"] == "aq":
             cfg["min_code_bits"] = float(part[4:].replace("p", "."))
         elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
@@ -201,6 +205,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     if cfg["method"] == "aq":
         # without -rminR: no floor, as the rows measured before the floor (and its default of 1) existed
         argv += ["--aq-min-code-bits", str(cfg.get("min_code_bits", 0.0))]
+        if cfg.get("aq_rounds"):
+            argv += ["--aq-rounds", str(cfg["aq_rounds"])]
     return argv
 
 

@@ -409,6 +409,8 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     from jaxquant.quant.quantize import ActQuantConfig
     from jaxquant.quant.rules import layer_kernels, load_rules
 
+    if args.aq_rounds is not None and args.aq_rounds < 1:
+        raise JaxquantError(f"--aq-rounds must be at least 1, got {args.aq_rounds}")
     acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, _aq_rule_config) if args.rules else None
     calib = _load_or_calibrate(args, model, xtx=True)
@@ -428,6 +430,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
                          code_update_every=args.code_update_every, code_budget=args.code_budget,
                          layer_weighting=args.aq_weighting, min_code_bits=floor,
                          progress_dir=progress_dir,
+                         aq_options=None if args.aq_rounds is None else {"max_iters": args.aq_rounds},
                          key=args.seed)
     kernels = layer_kernels(model.params)
     print(plan_table(kernels, result.plan))
@@ -435,6 +438,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     return result.params, {
         "method": "aq", "w_bits": None if args.aq_preset else float(args.w_bits), "preset": args.aq_preset,
         "a_bits": args.a_bits, "timestep_groups": calib.config.groups, "beam": args.beam,
+        "rounds": args.aq_rounds,
         "weighting": None if args.aq_preset else (args.aq_weighting or "sensitivity"),
         "min_code_bits": floor,
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
@@ -834,6 +838,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--rules", default=None, help="YAML list of {pattern: REGEX, config: {bits: …} | null}")
     qz.add_argument("--calib", default=None, help="calibration directory (default: calibrate now)")
     qz.add_argument("--beam", type=int, default=8, help="aq: beam width of the code search")
+    qz.add_argument("--aq-rounds", type=int, default=None, metavar="N",
+                    help="aq: most alternations of codebook updates and code search per layer (default 5, "
+                    "quantize_matrix's max_iters; the objective often still falls a few %% per round there)")
     qz.add_argument("--finetune-steps", type=int, default=0,
                     help="aq: Adam steps of block fine-tuning per UNet block (0: none)")
     qz.add_argument("--code-update-every", type=int, default=0,

@@ -415,7 +415,9 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     q = tmp_path / "q"
     argv = ["quantize", str(model_dir), "--method", "aq", "--w-bits", "3", "--a-bits", "8", "--calib", str(cal),
             "--rules", str(rules), "--beam", "2", "--finetune-steps", "0", "--aq-min-code-bits", "0.5",
-            "--out", str(q)]
+            "--aq-rounds", "2", "--out", str(q)]
+    assert cli.main([*argv[:-4], "--aq-rounds", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--aq-rounds must be at least 1" in capsys.readouterr().err
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "average" in out and "bits per quantized weight" in out
@@ -423,7 +425,10 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     meta = json.loads((q / "config.json").read_text())
     assert json.dumps(meta).count('"aq"') >= 1
     assert '"weighting": "sensitivity"' in json.dumps(meta)  # the default plan
-    assert '"min_code_bits": 0.5' in json.dumps(meta)
+    assert '"min_code_bits": 0.5' in json.dumps(meta) and '"rounds": 2' in json.dumps(meta)
+    # the rounds reach quantize_matrix (and the resume fingerprint: a run with other rounds does not resume this)
+    assert json.loads((tmp_path / "q.progress" / "progress.json").read_text())["settings"]["aq_options"] == {
+        "max_iters": "2"}
     assert (tmp_path / "q.progress" / "sensitivity" / "curves.json").is_file()
     m = jaxquant.load(q)
     kernels = layer_kernels(m.params)
