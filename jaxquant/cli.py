@@ -405,6 +405,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     """``--method aq``: additive quantization (AQUATIC-Diff) planned to an average of
     ``--w-bits`` stored bits per weight (or the paper's ``--aq-preset``), optional block
     fine-tuning, activations at ``--a-bits``; resumable from ``--aq-progress``."""
+    from jaxquant.quant.additive import DEFAULT_MAX_ITERS
     from jaxquant.quant.aq_model import DEFAULT_MIN_CODE_BITS, plan_table, preset_plan, quantize_aq
     from jaxquant.quant.quantize import ActQuantConfig
     from jaxquant.quant.rules import layer_kernels, load_rules
@@ -438,7 +439,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     return result.params, {
         "method": "aq", "w_bits": None if args.aq_preset else float(args.w_bits), "preset": args.aq_preset,
         "a_bits": args.a_bits, "timestep_groups": calib.config.groups, "beam": args.beam,
-        "rounds": args.aq_rounds,
+        "rounds": args.aq_rounds or DEFAULT_MAX_ITERS,
         "weighting": None if args.aq_preset else (args.aq_weighting or "sensitivity"),
         "min_code_bits": floor,
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
@@ -839,8 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib", default=None, help="calibration directory (default: calibrate now)")
     qz.add_argument("--beam", type=int, default=8, help="aq: beam width of the code search")
     qz.add_argument("--aq-rounds", type=int, default=None, metavar="N",
-                    help="aq: most alternations of codebook updates and code search per layer (default 5, "
-                    "quantize_matrix's max_iters; the objective often still falls a few %% per round there)")
+                    help="aq: most alternations of codebook updates and code search per layer (default: quantize_matrix's "
+                    "max_iters, 5; the objective often still falls a few %% per round there)")
     qz.add_argument("--finetune-steps", type=int, default=0,
                     help="aq: Adam steps of block fine-tuning per UNet block (0: none)")
     qz.add_argument("--code-update-every", type=int, default=0,

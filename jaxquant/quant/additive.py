@@ -66,6 +66,7 @@ from jaxquant.quant.uniform import as_matrix, from_matrix
 
 CODEBOOK_DTYPE = jnp.float16
 SCALE_DTYPE = jnp.float16
+DEFAULT_MAX_ITERS = 5  # quantize_matrix's rounds of (Adam, beam search) unless told otherwise
 
 
 def aq_bits_per_weight(out: int, k: int, num_codebooks: int, nbits: int, group_size: int) -> float:
@@ -542,7 +543,7 @@ def quantize_matrix(
     *,
     key: Any,
     beam_size: int = 4,
-    max_iters: int = 5,
+    max_iters: int = DEFAULT_MAX_ITERS,
     adam_steps: int = 20,
     lr: float = 3e-2,
     tol: float = 0.01,
