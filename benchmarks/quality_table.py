@@ -47,6 +47,8 @@ Configurations are short names:
     aq-w2a8-ft100-sens-rmin1-rec300-net500
                             ... then the whole network tuned end to end on its output error
                             (jaxquant finetune --blocks network --steps N --lr NETWORK_LR)
+    ...-net600-un3          ... the network stage's loss follows 3 DDIM steps from each calibration
+                            input (jaxquant finetune --blocks network --unroll 3)
     ...-net600-nc256        ... the network stage on its own calibration of 256 trajectories (no XᵀX,
                             calib-gG-n256; the other stages keep the --calib-samples one)
     ...-net600-nq256        ... on 256 trajectories of the model entering the network stage (its own
@@ -92,7 +94,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-ncK|-nqK] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unK][-ncK|-nqK] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -127,6 +129,8 @@ def parse_config(name: str) -> dict:
             cfg["reconstruct_steps"] = int(part[3:])
         elif re.fullmatch(r"net\d+", part):
             cfg["network_steps"] = int(part[3:])
+        elif re.fullmatch(r"un\d+", part):
+            cfg["network_unroll"] = int(part[2:])
         elif re.fullmatch(r"n[cq]\d+", part):
             cfg["network_calib_samples"] = int(part[2:])
             cfg["network_calib_on_policy"] = part[1] == "q"
@@ -139,6 +143,8 @@ def parse_config(name: str) -> dict:
             cfg["distortion"] = "mse+ssim"
         else:
             raise SystemExit(f"bad configuration {name!r}: unknown part {part!r}")
+    if cfg.get("network_unroll") and not cfg.get("network_steps"):
+        raise SystemExit(f"bad configuration {name!r}: -unK unrolls the network stage's loss; it needs -netN")
     return cfg
 
 
@@ -213,7 +219,7 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return re.sub(r"-(rec|net|nc|nq)\d+", "", name), re.sub(r"-(net|nc|nq)\d+", "", name)
+    return re.sub(r"-(rec|net|un|nc|nq)\d+", "", name), re.sub(r"-(net|un|nc|nq)\d+", "", name)
 
 
 def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
@@ -226,10 +232,10 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
     return work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}-n{k}"
 
 
-def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path) -> list[str]:
-    """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration."""
+def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1) -> list[str]:
+    """The ``jaxquant finetune --blocks network`` command line of a ``-netN[-unK]`` configuration."""
     return ["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
-            "--lr", str(NETWORK_LR), "--out", str(out)]
+            "--lr", str(NETWORK_LR), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
 
 
 def sample_labels(model, num: int) -> np.ndarray | None:
@@ -330,7 +336,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                 of = str(tuned_from) if cfg["network_calib_on_policy"] else source
                 net_calib = calibrated(of, cfg["groups"], network_calib_dir(cfg, work, tuned_from.name), k,
                                        xtx=False)
-            if cli(network_args(tuned_from, net_calib, cfg["network_steps"], qdir)) != 0:
+            if cli(network_args(tuned_from, net_calib, cfg["network_steps"], qdir, cfg.get("network_unroll", 1))) != 0:
                 raise SystemExit(f"end-to-end tuning {name} failed")
             stages.append("network")
     t_quant = time.time() - t0

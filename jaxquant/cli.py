@@ -609,7 +609,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     params, records = finetune_model(qmodel, qmodel.params, jaxquant.load(source).params,
                                      load_calibration(args.calib), steps=args.steps, lr=lr,
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
-                                     eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks)
+                                     eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks,
+                                     unroll=args.unroll)
     meta = qmodel.meta
     earlier = list(meta.extra.get("finetune_earlier", []))
     if "finetune" in meta.extra:  # a model tuned before (blocks, then the network): keep that record too
@@ -617,14 +618,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     meta.extra = {**meta.extra, "finetune": {"float": str(source), "calibration": str(args.calib),
                                              "steps": args.steps, "lr": lr,
                                              "lr_relative": not args.absolute_lr, "batch": args.batch,
-                                             "seed": args.seed, "blocks": [r["block"] for r in records]}}
+                                             "seed": args.seed, "blocks": [r["block"] for r in records],
+                                             **({"unroll": args.unroll} if args.unroll != 1 else {})}}
     if earlier:
         meta.extra["finetune_earlier"] = earlier
     save_model_dir(args.out, meta, params)
     (Path(args.out) / "finetune.json").write_text(json.dumps(records, indent=1))
     for r in records:
-        print(f"{r['block']:<24} block output error {r['error_before']:.4g} -> {r['error_after']:.4g}"
+        what = f"{r['unroll']}-step unrolled error" if "unroll" in r else "block output error"
+        print(f"{r['block']:<24} {what} {r['error_before']:.4g} -> {r['error_after']:.4g}"
               + ("" if r["kept"] else " (not lower: kept as it was)") + f"  {r['seconds']:.0f} s")
+        if "unroll" in r:
+            print(f"{'':<24} one-step output error {r['one_step_before']:.4g} -> {r['one_step_after']:.4g}")
     rep = storage_report(params)
     print(f"wrote {args.out}: {rep.total_bytes} bytes, {rep.bits_per_weight:.3f} bits per weight overall")
     return 0
@@ -883,6 +888,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only these blocks, in this order (default: all, in execution order); 'network' is the "
                     "whole network tuned end to end on its output error (every float array trains), e.g. after "
                     "the blocks: --blocks network on a block-tuned model")
+    ft.add_argument("--unroll", type=int, default=1, metavar="K",
+                    help="with --blocks network: the loss follows K consecutive DDIM steps of the calibration's "
+                    "sampler from each calibration input (the quantized and the float model each from its own "
+                    "state, gradients through all K), charging the model for the state errors it hands on "
+                    "(default 1: one model call per pair)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--out", required=True, help="output model directory")
     ft.set_defaults(fn=_cmd_finetune)

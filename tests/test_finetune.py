@@ -14,8 +14,9 @@ from jaxquant import cli
 from jaxquant.calib import calibration as calib_mod
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.activation import ActQuant, at_timestep_group, fake_quant, is_act_quant, round_ste, timestep_group
-from jaxquant.quant.aq_model import (NETWORK, _calibration_pairs, block_of, block_output_error, block_units,
-                                     finetune_block, model_blocks)
+from jaxquant.errors import ConfigError
+from jaxquant.quant.aq_model import (NETWORK, _calibration_pairs, _unrolled_errors, block_of, block_output_error,
+                                     block_units, finetune_block, finetune_model, model_blocks)
 from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
 from jaxquant.quant.uniform import UniformWeight, WeightQuantConfig
 
@@ -163,6 +164,91 @@ def test_network_stage_tunes_end_to_end(quantized, calib):
     assert {block_of(n) for n in changed} >= {None, *model_blocks(q.params)}
 
 
+def _unroll_inputs(calib, s, k, n):
+    from jaxquant.diffusion.samplers import previous_timesteps
+
+    ts = np.asarray(calib.timesteps, np.int32)
+    tps = np.asarray(previous_timesteps(calib_sched(calib), len(ts), "ddim"), np.int32)
+    return jnp.asarray(calib.inputs[s, :n]), ts[s:s + k], tps[s:s + k]
+
+
+def calib_sched(calib):
+    from jaxquant.diffusion.schedules import ScheduleConfig
+
+    return ScheduleConfig(num_train_timesteps=100)  # build_tiny's schedule
+
+
+def test_unrolled_errors_the_long_way(quantized, calib):
+    """Each step's term of the unrolled loss: both models step from their own states by
+    DDIM (each model call picking its timestep group), ‖x^q − x^f‖² against c²·‖ε^f‖²;
+    with one step and no clipping it is the one-step relative ε error."""
+    import dataclasses
+
+    from jaxquant.diffusion.samplers import ddim_eps_coefficient, ddim_step
+
+    m, q = quantized
+    sched = q.schedule
+    assert calib_sched(calib) == sched
+    x, ts, tps = _unroll_inputs(calib, 1, 3, 4)
+    coef = ddim_eps_coefficient(sched, ts, tps)
+    num, den = _unrolled_errors(q.apply, sched, q.params, m.params, x, jnp.asarray(ts), jnp.asarray(tps),
+                                jnp.asarray(coef, jnp.float32), None)
+    xq = xf = x
+    for j in range(3):
+        t = jnp.full((4,), ts[j], jnp.int32)
+        ef = m.apply(m.params, xf, t)
+        xq, xf = ddim_step(sched, xq, q.apply(q.params, xq, t), ts[j], tps[j]), ddim_step(sched, xf, ef, ts[j], tps[j])
+        np.testing.assert_allclose(float(num[j]), float(jnp.sum((xq - xf) ** 2)), rtol=1e-4)
+        np.testing.assert_allclose(float(den[j]), coef[j] ** 2 * float(jnp.sum(ef ** 2)), rtol=1e-4)
+    assert len({int(calib.step_groups[s]) for s in (1, 2, 3)}) == 2  # the unroll crosses a group boundary
+    plain = dataclasses.replace(sched, clip_sample=False)
+    a, b = _unrolled_errors(q.apply, plain, q.params, m.params, x, jnp.asarray(ts[:1]), jnp.asarray(tps[:1]),
+                            jnp.asarray(coef[:1], jnp.float32), None)
+    t = jnp.full((4,), ts[0], jnp.int32)
+    eq, ef = q.apply(q.params, x, t), m.apply(m.params, x, t)
+    np.testing.assert_allclose(float(a[0] / b[0]), float(jnp.sum((eq - ef) ** 2) / jnp.sum(ef ** 2)), rtol=1e-3)
+
+
+def test_network_stage_with_an_unrolled_loss(quantized, calib):
+    """unroll = 2: the held-out 2-step error falls, the record carries the one-step errors
+    (the one-step stage's held-out measure), codes and zero points stay; misuse is refused."""
+    m, q = quantized
+    tuned, rec = finetune_block(q, q.params, m.params, NETWORK, calib, steps=12, lr=3e-3, batch_size=4,
+                                eval_pairs=8, lr_relative=True, unroll=2)
+    assert rec["unroll"] == 2 and rec["kept"] and rec["error_after"] < rec["error_before"]
+    one = block_output_error(q, q.params, m.params, NETWORK, calib, num_pairs=8, batch_size=4,
+                             seed=_network_seed())
+    np.testing.assert_allclose(rec["one_step_before"], one, rtol=1e-6)
+    np.testing.assert_allclose(rec["one_step_after"], block_output_error(q, tuned, m.params, NETWORK, calib,
+                                                                         num_pairs=8, batch_size=4,
+                                                                         seed=_network_seed()), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(q.params), jax.tree_util.tree_leaves(tuned)):
+        if not np.issubdtype(np.asarray(a).dtype, np.floating):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(q.params, is_leaf=is_act_quant),
+                    jax.tree_util.tree_leaves(tuned, is_leaf=is_act_quant)):
+        if is_act_quant(a):
+            np.testing.assert_array_equal(np.asarray(a.zero), np.asarray(b.zero))
+    bad = [dict(block="mid_block", unroll=2), dict(block=NETWORK, unroll=0), dict(block=NETWORK, unroll=5),
+           dict(block=NETWORK, unroll=2, code_update_every=2)]
+    for kw in bad:
+        block = kw.pop("block")
+        with pytest.raises(ConfigError):
+            finetune_block(q, q.params, m.params, block, calib, steps=1, **kw)
+    with pytest.raises(ConfigError, match="ddim"):
+        import dataclasses
+        ddpm_cal = dataclasses.replace(calib, config=dataclasses.replace(calib.config, sampler="ddpm"))
+        finetune_block(q, q.params, m.params, NETWORK, ddpm_cal, steps=1, unroll=2)
+    with pytest.raises(ConfigError, match="blocks"):
+        finetune_model(q, q.params, m.params, calib, steps=1, unroll=2, progress=False)
+
+
+def _network_seed():
+    from jaxquant.quant.aq_model import _as_key, _seed_of
+
+    return _seed_of(_as_key(0), "finetune:" + NETWORK)
+
+
 def test_cli_finetune(model_dir, calib, tmp_path, capsys):
     cal = calib_mod.save_calibration(calib, tmp_path / "cal")
     qdir, out = tmp_path / "q", tmp_path / "qft"
@@ -183,6 +269,14 @@ def test_cli_finetune(model_dir, calib, tmp_path, capsys):
     assert ft.meta.extra["finetune"]["steps"] == 6 and ft.meta.extra["finetune"]["lr_relative"]
     assert storage_report(ft.params).total_bytes == storage_report(jaxquant.load(qdir).params).total_bytes
     assert cli.main(["finetune", str(qdir), "--calib", str(cal), "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert cli.main(["finetune", str(out), "--calib", str(cal), "--steps", "3", "--batch", "4", "--blocks", "network",
+                     "--unroll", "2", "--out", str(tmp_path / "un")]) == 0
+    assert "2-step unrolled error" in capsys.readouterr().out
+    un = jaxquant.load(tmp_path / "un")
+    assert un.meta.extra["finetune"]["unroll"] == 2 and un.meta.extra["finetune_earlier"][0]["steps"] == 6
+    assert cli.main(["finetune", str(qdir), "--calib", str(cal), "--steps", "3", "--unroll", "2",
+                     "--out", str(tmp_path / "y")]) == 2  # the blocks: refused
 
 
 def test_quality_table_names_for_reconstruction():
@@ -221,6 +315,22 @@ def test_quality_table_names_for_the_network_stages_calibration():
     assert stage_names("rd-w6a6-g10-sm50-net600-nc128") == ("rd-w6a6-g10-sm50", "rd-w6a6-g10-sm50")
     assert network_calib_dir(shared, Path("w"), "rd-w6a6-g10-sm50") == Path("w/calib-g10-sm50-n128")
     assert "network_calib_samples" not in parse_config("aq-w4a8-ft100-rec300-net600")
+
+
+def test_quality_table_names_for_the_unrolled_network_stage():
+    from pathlib import Path
+
+    from benchmarks.quality_table import network_args, parse_config, stage_names
+
+    name = "aq-w2a8-ft100-sens-rmin1p5-rec300-net600-un3"
+    cfg = parse_config(name)
+    assert cfg["network_unroll"] == 3 and cfg["network_steps"] == 600
+    assert stage_names(name) == ("aq-w2a8-ft100-sens-rmin1p5", "aq-w2a8-ft100-sens-rmin1p5-rec300")
+    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), cfg["network_unroll"]))
+    assert args.unroll == 3 and args.blocks == [NETWORK]
+    assert cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"))).unroll == 1
+    with pytest.raises(SystemExit):
+        parse_config("aq-w2a8-ft100-rec300-un3")
 
 
 def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized):

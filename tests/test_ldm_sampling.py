@@ -248,3 +248,35 @@ def test_calibration_with_xtx_covers_the_denoiser_only(ldm):
         assert h.shape == (k, k) and np.all(np.isfinite(h))
         np.testing.assert_allclose(h, h.T, rtol=1e-4, atol=1e-4 * float(np.abs(h).max()))
         assert np.all(np.diag(h) >= 0) and calib.xtx_count[n] > 0
+
+
+def test_unrolled_network_loss_steps_with_the_guided_eps(ldm):
+    """The network stage's unrolled loss on a guided calibration steps both models with
+    the classifier-free-guided ε at the calibration's scale and the trajectories' labels:
+    its held-out error is the 2-step state error computed the long way."""
+    from jaxquant.calib import CalibConfig, calibrate
+    from jaxquant.diffusion.guidance import guided_eps
+    from jaxquant.diffusion.samplers import ddim_eps_coefficient, ddim_step, previous_timesteps
+    from jaxquant.quant.aq_model import NETWORK, finetune_block
+
+    calib = calibrate(ldm, CalibConfig(num_samples=2, steps=2, batch_size=2, cfg_scale=3.0, xtx=False),
+                      progress=False)
+    noisy = jax.tree_util.tree_map(
+        lambda a: a * (1 + 0.05 * jax.random.normal(jax.random.key(3), a.shape, a.dtype)), ldm.params)
+    _, rec = finetune_block(ldm, noisy, ldm.params, NETWORK, calib, steps=1, batch_size=2, eval_pairs=None,
+                            unroll=2)
+    eps = guided_eps(ldm.apply, 3.0, ldm.network_config.unconditional_label)
+    ts = np.asarray(calib.timesteps)
+    tps = previous_timesteps(ldm.schedule, 2, "ddim")
+    coef = ddim_eps_coefficient(ldm.schedule, ts, tps)
+    y = jnp.asarray(calib.labels)
+    xq = xf = jnp.asarray(calib.inputs[0])
+    ratios = []
+    for j in range(2):
+        t = jnp.full((2,), ts[j], jnp.int32)
+        ef = eps(ldm.params, xf, t, y)
+        xq = ddim_step(ldm.schedule, xq, eps(noisy, xq, t, y), ts[j], tps[j])
+        xf = ddim_step(ldm.schedule, xf, ef, ts[j], tps[j])
+        ratios.append(float(jnp.sum((xq - xf) ** 2)) / (coef[j] ** 2 * float(jnp.sum(ef ** 2))))
+    assert rec["unroll"] == 2
+    np.testing.assert_allclose(rec["error_before"], np.mean(ratios), rtol=1e-3)

@@ -269,6 +269,22 @@ def test_steps_accept_per_sample_timesteps():
             np.testing.assert_allclose(both[b], one, rtol=0, atol=1e-6)
 
 
+def test_ddim_eps_coefficient_is_the_steps_derivative():
+    """ddim_eps_coefficient is ∂ddim_step/∂ε (eta 0, no clipping), also on the last step
+    (t_prev < 0: the final alpha) and per sample."""
+    from jaxquant.diffusion.samplers import ddim_eps_coefficient
+
+    cfg = ScheduleConfig(clip_sample=False)
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    t, tp = np.array([999, 500, 40], np.int32), np.array([949, 450, -1], np.int32)
+    got = ddim_eps_coefficient(cfg, t, tp)
+    for k in range(3):
+        d = jax.jvp(lambda e: ddim_step(cfg, x, e, int(t[k]), int(tp[k])), (jnp.zeros(SHAPE),),
+                    (jnp.ones(SHAPE),))[1]
+        np.testing.assert_allclose(np.asarray(d), got[k], rtol=1e-4)
+    assert np.all(got < 0) and got.shape == (3,)
+
+
 @pytest.mark.parametrize("clip", [True, False])
 def test_predict_x0_matches_diffusers_pred_original_sample(clip):
     """``predict_x0`` is the ``pred_original_sample`` of diffusers' DDIM step (clipped alike),

@@ -149,6 +149,17 @@ def check_cfg_scale(model, cfg_scale: Any) -> float:
     return cfg_scale
 
 
+def eps_fn(model, cfg_scale: float = 1.0) -> Callable[..., jax.Array]:
+    """The ε the sampler steps with, ``fn(params, x, t, y)``: ``model.apply``, or with
+    ``cfg_scale != 1`` its classifier-free-guided mix (:func:`guided_eps`).
+
+    Raises:
+      ConfigError: a guidance scale the model cannot take (:func:`check_cfg_scale`).
+    """
+    cfg_scale = check_cfg_scale(model, cfg_scale)
+    return model.apply if cfg_scale == 1.0 else guided_eps(model.apply, cfg_scale, unconditional_label(model))
+
+
 def sampling_fn(
     model,
     *,
@@ -179,8 +190,7 @@ def sampling_fn(
         decode = has_first_stage
     elif decode and not has_first_stage:
         raise ConfigError(f"a {model.architecture!r} model has no first stage to decode with: use decode=False")
-    eps = model.apply if cfg_scale == 1.0 else guided_eps(model.apply, cfg_scale, unconditional_label(model))
-    chain = make_sampler(eps, model.schedule, steps, sampler, eta)
+    chain = make_sampler(eps_fn(model, cfg_scale), model.schedule, steps, sampler, eta)
     module = model.module
 
     def fn(params: Any, x_T: jax.Array, key: jax.Array, y: jax.Array | None = None) -> jax.Array:

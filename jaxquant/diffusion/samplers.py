@@ -166,6 +166,22 @@ def ddim_step(
     return x_prev
 
 
+def ddim_eps_coefficient(cfg: ScheduleConfig, t: ArrayLike, t_prev: ArrayLike) -> np.ndarray:
+    """``∂x_{t_prev} / ∂ε`` of a deterministic DDIM step (:func:`ddim_step`, ``eta = 0``).
+
+    ``√(1−ᾱ_prev) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t``, float64 and shaped like ``t``: an error
+    ``δ`` in the model's ε moves the next sample by this times ``δ`` (exactly when x0 is
+    not clipped). Negative, since ``ᾱ_prev > ᾱ_t``.
+    """
+    cfg = _check_cfg(cfg)
+    ac = np.asarray(alphas_cumprod(cfg), np.float64)
+    t = np.asarray(t, np.int64)
+    t_prev = np.asarray(t_prev, np.int64)
+    a_t = ac[t]
+    a_prev = np.where(t_prev >= 0, ac[np.maximum(t_prev, 0)], float(final_alpha_cumprod(cfg)))
+    return np.sqrt(1.0 - a_prev) - np.sqrt(a_prev * (1.0 - a_t) / a_t)
+
+
 def ddpm_step(
     cfg: ScheduleConfig,
     x: ArrayLike,

@@ -729,6 +729,8 @@ def finetune_block(
     code_update_every: int = 0,
     code_budget: float = 0.01,
     lr_relative: bool = False,
+    unroll: int = 1,
+    progress: bool = False,
 ) -> tuple[dict, dict]:
     """Tune a quantized block to reproduce the float block's outputs.
 
@@ -758,6 +760,23 @@ def finetune_block(
     to its pairs), each narrowed to its group, so each group's scales learn from their
     own timesteps.
 
+    **Unrolled network loss** (``unroll = K > 1``, :data:`NETWORK` only): instead of one
+    model call per calibration pair, the loss follows ``K`` consecutive DDIM steps of the
+    calibration's sampler (eta 0, with its guidance scale) from a calibration input
+    ``x_s``: the quantized model steps from its own previous state, the float model
+    (``float_params``) from its own, both from ``x_s``; gradients flow through all ``K``
+    steps. Step ``j``'s term is the state error in units of that step's ε:
+    ``‖x^q_{s+j+1} − x^f_{s+j+1}‖² / (c_j²·‖ε^f_{s+j}‖²)`` with ``c_j`` the step's ε
+    coefficient (:func:`~jaxquant.diffusion.samplers.ddim_eps_coefficient`); the loss is
+    the mean of the ``K`` terms (norms over the batch, as the one-step loss). For
+    ``K = 1`` it is the one-step relative ε error (exactly, when x0 is not clipped), and
+    for ``K > 1`` it also charges the model for the state errors its earlier steps hand
+    on, which it can learn to correct. Starts ``s`` run over the steps with ``K`` steps
+    left; a minibatch shares one start; held-out starts decide keep-or-discard, and the
+    record adds ``unroll`` and the one-step errors (``one_step_before`` / ``_after``).
+
+    ``progress`` shows a bar over the Adam steps.
+
     **Code updates** (``code_update_every > 0``; off by default), in the manner of
     PV-tuning's code step: after every ``code_update_every`` Adam steps, the gradient
     ``G`` of the minibatch loss with respect to each AQ layer's dequantized weight ``Ŵ``
@@ -777,11 +796,19 @@ def finetune_block(
       updates ``code_updates`` (accepted / tried) and ``codes_changed``.
 
     Raises:
-      ConfigError: a negative ``code_update_every`` or a ``code_budget`` outside (0, 1].
+      ConfigError: a negative ``code_update_every`` or a ``code_budget`` outside (0, 1];
+        ``unroll < 1``; ``unroll > 1`` on a block other than :data:`NETWORK`, with code
+        updates, on a calibration not sampled by deterministic DDIM, or longer than
+        its trajectories.
     """
     import optax
 
     _check_code_updates(code_update_every, code_budget)
+    _check_unroll(block, unroll, code_update_every, calib)
+    if unroll > 1:
+        return _finetune_unrolled(model, params, float_params, calib, steps=steps, lr=lr, batch_size=batch_size,
+                                  eval_pairs=eval_pairs, key=key, lr_relative=lr_relative, unroll=unroll,
+                                  progress=progress)
     t0 = time.perf_counter()
     key = _as_key(key)
     pairs = _calibration_pairs(model, calib)
@@ -816,7 +843,7 @@ def finetune_block(
         group_ids, group_counts = np.unique(groups[pool], return_counts=True)
     train_set = set(train_idx)
     tried = accepted = changed = 0
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"tuning {block}", unit="step", disable=not progress, leave=False):
         g = None
         if groups is None:
             j = np.sort(rng.choice(pool, bs, replace=False))
@@ -849,6 +876,145 @@ def finetune_block(
     return (tuned if kept else params), rec
 
 
+def _check_unroll(block: str, unroll: int, code_update_every: int, calib) -> None:
+    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise ConfigError(f"unroll must be a positive integer, got {unroll!r}")
+    if unroll == 1:
+        return
+    if block != NETWORK:
+        raise ConfigError(f"an unrolled loss (unroll = {unroll}) tunes the whole network: use block {NETWORK!r}, "
+                          f"not {block!r}")
+    if code_update_every:
+        raise ConfigError("code updates are not supported with an unrolled loss (unroll > 1)")
+    if calib.config.sampler != "ddim":
+        raise ConfigError(f"an unrolled loss follows deterministic DDIM steps, but the calibration was sampled with "
+                          f"{calib.config.sampler!r}: calibrate with the ddim sampler")
+    if unroll > len(calib.timesteps):
+        raise ConfigError(f"unroll = {unroll} is longer than the calibration's {len(calib.timesteps)} steps")
+
+
+def _unrolled_errors(eps, sched, params, ref_params, x, ts, tps, coef, y):
+    """Per-step ``(‖x^q − x^f‖², c²‖ε^f‖²)`` of ``len(ts)`` DDIM steps from ``x`` (sums over
+    the batch); ``eps(params, x, t, y)`` is the sampler's ε; ``ts`` / ``tps`` / ``coef``
+    the steps' timesteps, previous timesteps and ε coefficients (traced, shape ``[K]``)."""
+    from jaxquant.diffusion.samplers import ddim_step
+
+    xq = xf = x
+    nums, dens = [], []
+    for j in range(ts.shape[0]):
+        t = jnp.broadcast_to(ts[j], (x.shape[0],))
+        ef = jax.lax.stop_gradient(eps(ref_params, xf, t, y))
+        xq = ddim_step(sched, xq, eps(params, xq, t, y), ts[j], tps[j])
+        xf = jax.lax.stop_gradient(ddim_step(sched, xf, ef, ts[j], tps[j]))
+        nums.append(jnp.sum(jnp.square(xq - xf)))
+        dens.append(jnp.square(coef[j]) * jnp.sum(jnp.square(ef)))
+    return jnp.stack(nums), jnp.stack(dens)
+
+
+def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps: int, lr: float, batch_size: int,
+                       eval_pairs: int, key: Any, lr_relative: bool, unroll: int,
+                       progress: bool = False) -> tuple[dict, dict]:
+    """:func:`finetune_block` on :data:`NETWORK` with the unrolled loss (see there)."""
+    import optax
+
+    from jaxquant.diffusion.pipeline import eps_fn
+    from jaxquant.diffusion.samplers import ddim_eps_coefficient, previous_timesteps
+    from jaxquant.diffusion.schedules import sampling_timesteps
+
+    t0 = time.perf_counter()
+    key = _as_key(key)
+    sched = model.schedule
+    num_steps, n_traj = calib.inputs.shape[:2]
+    ts = np.asarray(calib.timesteps, np.int32)
+    if not np.array_equal(ts, sampling_timesteps(sched, num_steps)):
+        raise ConfigError("the calibration's timesteps are not the model's DDIM schedule of "
+                          f"{num_steps} steps: calibrate this model with the ddim sampler")
+    tps = np.asarray(previous_timesteps(sched, num_steps, "ddim"), np.int32)
+    coef = ddim_eps_coefficient(sched, ts, tps).astype(np.float32)
+    eps = eps_fn(model, calib.config.cfg_scale)
+    x_all = np.asarray(calib.inputs, np.float32)
+    labels = calib.labels if model.is_class_conditional else None
+    if model.is_class_conditional and labels is None:
+        raise ConfigError("the calibration of a class-conditional model has no labels")
+
+    units = tuple(block_units(params, NETWORK))
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path([_get(params, u) for u in units])
+    leaves = [jnp.asarray(a) for _, a in path_leaves]
+    train_idx = tuple(i for i, (p, a) in enumerate(path_leaves)
+                      if jnp.issubdtype(a.dtype, jnp.floating) and not _is_zero_point(p))
+    ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
+
+    # Starts: (step s, trajectory n) with `unroll` steps left, flat index s * n_traj + n.
+    n_starts = (num_steps - unroll + 1) * n_traj
+    seed = _seed_of(key, "finetune:" + NETWORK)
+    eval_idx = _eval_indices(n_starts, eval_pairs, seed)
+    pool = np.setdiff1d(np.arange(n_starts), eval_idx)
+    if len(pool) < batch_size:
+        pool = np.arange(n_starts)
+    bs = min(batch_size, len(pool))
+
+    def batch(s: int, n: np.ndarray):
+        sl = slice(s, s + unroll)
+        y = None if labels is None else jnp.asarray(np.asarray(labels, np.int32)[n])
+        return jnp.asarray(x_all[s, n]), jnp.asarray(ts[sl]), jnp.asarray(tps[sl]), jnp.asarray(coef[sl]), y
+
+    errors = xla.jit(partial(_unrolled_errors, eps, sched))
+
+    def held_out(p: dict) -> float:
+        num = den = 0.0
+        for s in np.unique(eval_idx // n_traj):
+            n_all = eval_idx[eval_idx // n_traj == s] % n_traj
+            for i in range(0, len(n_all), bs):
+                a, b = errors(p, ref_params, *batch(int(s), n_all[i:i + bs]))
+                num, den = num + np.asarray(a, np.float64), den + np.asarray(b, np.float64)
+        return float(np.mean(num / np.maximum(den, 1e-30)))
+
+    step_units = None
+    theta = [leaves[i].astype(jnp.float32) for i in train_idx]
+    if lr_relative:
+        step_units = [jnp.float32(m if m > 0 else 1.0) for m in (float(jnp.mean(jnp.abs(v))) for v in theta)]
+    opt = optax.adam(lr)
+
+    @xla.jit
+    def train_step(theta, opt_state, leaves, base, ref, x, a, b, c, y):
+        def loss_fn(th):
+            num, den = _unrolled_errors(eps, sched, _assemble(units, treedef, train_idx, leaves, th, base),
+                                        ref, x, a, b, c, y)
+            return jnp.mean(num / jnp.maximum(den, 1e-30))
+
+        loss, grads = jax.value_and_grad(loss_fn)(theta)
+        updates, opt_state = opt.update(grads, opt_state, theta)
+        if step_units is not None:
+            updates = [u * k for u, k in zip(updates, step_units)]
+        return optax.apply_updates(theta, updates), opt_state, loss
+
+    before = held_out(params)
+    one_step_before = block_output_error(model, params, float_params, NETWORK, calib, num_pairs=eval_pairs,
+                                         batch_size=batch_size, seed=seed)
+    opt_state = opt.init(theta)
+    rng = np.random.default_rng(seed + 1)
+    pool_steps = pool // n_traj
+    starts = np.unique(pool_steps)
+    for _ in tqdm(range(steps), desc=f"tuning {NETWORK} ({unroll}-step loss)", unit="step", disable=not progress,
+                  leave=False):
+        s = int(rng.choice(starts))
+        members = pool[pool_steps == s] % n_traj
+        n = np.sort(rng.choice(members, min(bs, len(members)), replace=False))
+        theta, opt_state, _ = train_step(theta, opt_state, leaves, params, ref_params, *batch(s, n))
+    stored = [v.astype(leaves[i].dtype) for i, v in zip(train_idx, theta)]
+    tuned = _assemble(units, treedef, train_idx, leaves, stored, params)
+    after = held_out(tuned) if steps > 0 else before
+    kept = after < before
+    out = tuned if kept else params
+    one_step_after = block_output_error(model, out, float_params, NETWORK, calib, num_pairs=eval_pairs,
+                                        batch_size=batch_size, seed=seed)
+    rec = {"block": NETWORK, "steps": int(steps), "unroll": int(unroll), "error_before": before,
+           "error_after": after if kept else before, "kept": bool(kept),
+           "one_step_before": one_step_before, "one_step_after": one_step_after,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    return out, rec
+
+
 #: finetune_model's relative learning rate: the best of 1e-3, 3e-3 and 1e-2 on ddpm-fmnist
 #: RD W6A6 (BENCHMARKS, "Block reconstruction").
 RECONSTRUCT_LR = 3e-3
@@ -873,6 +1039,7 @@ def finetune_model(
     key: Any = 0,
     blocks: Sequence[str] | None = None,
     progress: bool = True,
+    unroll: int = 1,
 ) -> tuple[dict, list[dict]]:
     """Block-by-block fine-tuning of a quantized model of any method (uniform, RD, AQ).
 
@@ -893,16 +1060,26 @@ def finetune_model(
       blocks: the blocks to tune, in this order (default :func:`model_blocks`);
         :data:`NETWORK` is the whole network, tuned end to end (see :func:`finetune_block`).
       progress: show a progress bar.
+      unroll: the :data:`NETWORK` stage's loss follows this many sampler steps
+        (:func:`finetune_block`); only with ``blocks == [NETWORK]`` when above 1.
 
     Returns:
       ``(params, records)``, one :func:`finetune_block` record per block.
+
+    Raises:
+      ConfigError: ``unroll > 1`` with blocks other than :data:`NETWORK` (and as
+        :func:`finetune_block`).
     """
     names = model_blocks(params) if blocks is None else list(blocks)
+    if unroll != 1 and names != [NETWORK]:
+        raise ConfigError(f"an unrolled loss (unroll = {unroll}) is for the end-to-end stage alone: "
+                          f"blocks must be [{NETWORK!r}], got {names}")
     records: list[dict] = []
     bar = tqdm(names, desc="fine-tuning blocks", unit="block", disable=not progress)
     for block in bar:
         params, rec = finetune_block(model, params, float_params, block, calib, steps=steps, lr=lr,
-                                     batch_size=batch_size, eval_pairs=eval_pairs, key=key, lr_relative=lr_relative)
+                                     batch_size=batch_size, eval_pairs=eval_pairs, key=key, lr_relative=lr_relative,
+                                     unroll=unroll, progress=progress and block == NETWORK)
         records.append(rec)
         bar.set_postfix_str(f"{block}: {rec['error_before']:.4g} -> {rec['error_after']:.4g}")
         xla.release_compiled_if_crowded()
