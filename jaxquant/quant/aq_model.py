@@ -765,13 +765,15 @@ def finetune_block(
     calibration's sampler (eta 0, with its guidance scale) from a calibration input
     ``x_s``: the quantized model steps from its own previous state, the float model
     (``float_params``) from its own, both from ``x_s``; gradients flow through all ``K``
-    steps. Step ``j``'s term is the state error in units of that step's ε:
-    ``‖x^q_{s+j+1} − x^f_{s+j+1}‖² / (c_j²·‖ε^f_{s+j}‖²)`` with ``c_j`` the step's ε
+    steps. Step ``j``'s term is the state error after it in units of the first step's ε:
+    ``‖x^q_{s+j+1} − x^f_{s+j+1}‖² / (c_s²·‖ε^f_s‖²)`` with ``c_s`` the first step's ε
     coefficient (:func:`~jaxquant.diffusion.samplers.ddim_eps_coefficient`); the loss is
     the mean of the ``K`` terms (norms over the batch, as the one-step loss). For
     ``K = 1`` it is the one-step relative ε error (exactly, when x0 is not clipped), and
     for ``K > 1`` it also charges the model for the state errors its earlier steps hand
-    on, which it can learn to correct. Starts ``s`` run over the steps with ``K`` steps
+    on, which it can learn to correct. (Each step's own coefficient would not do: DDIM's
+    last step from ``t = 0`` moves the sample by ``√β₀ ≈ 0.01`` ε, and a state error
+    carried into it would count ~3 000 times.) Starts ``s`` run over the steps with ``K`` steps
     left; a minibatch shares one start; held-out starts decide keep-or-discard, and the
     record adds ``unroll`` and the one-step errors (``one_step_before`` / ``_after``).
 
@@ -894,9 +896,10 @@ def _check_unroll(block: str, unroll: int, code_update_every: int, calib) -> Non
 
 
 def _unrolled_errors(eps, sched, params, ref_params, x, ts, tps, coef, y):
-    """Per-step ``(‖x^q − x^f‖², c²‖ε^f‖²)`` of ``len(ts)`` DDIM steps from ``x`` (sums over
-    the batch); ``eps(params, x, t, y)`` is the sampler's ε; ``ts`` / ``tps`` / ``coef``
-    the steps' timesteps, previous timesteps and ε coefficients (traced, shape ``[K]``)."""
+    """Per-step ``(‖x^q − x^f‖², c₀²‖ε^f₀‖²)`` of ``len(ts)`` DDIM steps from ``x`` (sums
+    over the batch): each state error against the first step's ε-driven update;
+    ``eps(params, x, t, y)`` is the sampler's ε; ``ts`` / ``tps`` / ``coef`` the steps'
+    timesteps, previous timesteps and ε coefficients (traced, shape ``[K]``)."""
     from jaxquant.diffusion.samplers import ddim_step
 
     xq = xf = x
@@ -907,8 +910,9 @@ def _unrolled_errors(eps, sched, params, ref_params, x, ts, tps, coef, y):
         xq = ddim_step(sched, xq, eps(params, xq, t, y), ts[j], tps[j])
         xf = jax.lax.stop_gradient(ddim_step(sched, xf, ef, ts[j], tps[j]))
         nums.append(jnp.sum(jnp.square(xq - xf)))
-        dens.append(jnp.square(coef[j]) * jnp.sum(jnp.square(ef)))
-    return jnp.stack(nums), jnp.stack(dens)
+        if j == 0:
+            den = jnp.square(coef[0]) * jnp.sum(jnp.square(ef))
+    return jnp.stack(nums), jnp.broadcast_to(den, (len(nums),))
 
 
 def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps: int, lr: float, batch_size: int,
@@ -961,13 +965,18 @@ def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps:
     errors = xla.jit(partial(_unrolled_errors, eps, sched))
 
     def held_out(p: dict) -> float:
-        num = den = 0.0
+        """Mean over the held-out starts' steps ``s`` (and the ``K`` terms) of the error of
+        the starts at ``s``, as the minibatches (one start step each) weigh them: a ratio
+        of sums over all starts would be ruled by the early steps, whose ``c_s`` are large."""
+        ratios = []
         for s in np.unique(eval_idx // n_traj):
             n_all = eval_idx[eval_idx // n_traj == s] % n_traj
+            num = den = 0.0
             for i in range(0, len(n_all), bs):
                 a, b = errors(p, ref_params, *batch(int(s), n_all[i:i + bs]))
                 num, den = num + np.asarray(a, np.float64), den + np.asarray(b, np.float64)
-        return float(np.mean(num / np.maximum(den, 1e-30)))
+            ratios.append(num / np.maximum(den, 1e-30))
+        return float(np.mean(ratios))
 
     step_units = None
     theta = [leaves[i].astype(jnp.float32) for i in train_idx]
@@ -995,12 +1004,17 @@ def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps:
     rng = np.random.default_rng(seed + 1)
     pool_steps = pool // n_traj
     starts = np.unique(pool_steps)
-    for _ in tqdm(range(steps), desc=f"tuning {NETWORK} ({unroll}-step loss)", unit="step", disable=not progress,
-                  leave=False):
+    bar = tqdm(range(steps), desc=f"tuning {NETWORK} ({unroll}-step loss)", unit="step", disable=not progress,
+               leave=False)
+    recent: list = []
+    for i in bar:
         s = int(rng.choice(starts))
         members = pool[pool_steps == s] % n_traj
         n = np.sort(rng.choice(members, min(bs, len(members)), replace=False))
-        theta, opt_state, _ = train_step(theta, opt_state, leaves, params, ref_params, *batch(s, n))
+        theta, opt_state, loss = train_step(theta, opt_state, leaves, params, ref_params, *batch(s, n))
+        recent = (recent + [loss])[-50:]
+        if progress and (i + 1) % 25 == 0:
+            bar.set_postfix_str(f"minibatch loss (last 50) {float(jnp.mean(jnp.stack(recent))):.4g}")
     stored = [v.astype(leaves[i].dtype) for i, v in zip(train_idx, theta)]
     tuned = _assemble(units, treedef, train_idx, leaves, stored, params)
     after = held_out(tuned) if steps > 0 else before
@@ -1009,7 +1023,7 @@ def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps:
     one_step_after = block_output_error(model, out, float_params, NETWORK, calib, num_pairs=eval_pairs,
                                         batch_size=batch_size, seed=seed)
     rec = {"block": NETWORK, "steps": int(steps), "unroll": int(unroll), "error_before": before,
-           "error_after": after if kept else before, "kept": bool(kept),
+           "error_after": after if kept else before, "kept": bool(kept), "error_tuned": after,
            "one_step_before": one_step_before, "one_step_after": one_step_after,
            "seconds": round(time.perf_counter() - t0, 3)}
     return out, rec
