@@ -903,7 +903,7 @@ def _unrolled_errors(eps, sched, params, ref_params, x, ts, tps, coef, y):
     from jaxquant.diffusion.samplers import ddim_step
 
     xq = xf = x
-    nums, dens = [], []
+    nums = []
     for j in range(ts.shape[0]):
         t = jnp.broadcast_to(ts[j], (x.shape[0],))
         ef = jax.lax.stop_gradient(eps(ref_params, xf, t, y))
