@@ -323,17 +323,19 @@ def test_quality_table_names_for_the_network_stages_calibration():
 def test_quality_table_names_for_the_unrolled_network_stage():
     from pathlib import Path
 
-    from benchmarks.quality_table import network_args, parse_config, stage_names
+    from benchmarks.quality_table import NETWORK_LR, UNROLL_LR, network_args, network_name, parse_config, stage_names
 
-    name = "aq-w2a8-ft100-sens-rmin1p5-rec300-net600-un3"
+    name = "aq-w2a8-ft100-sens-rmin1p5-rec300-net600-un3s400"
     cfg = parse_config(name)
-    assert cfg["network_unroll"] == 3 and cfg["network_steps"] == 600
+    assert (cfg["unroll"], cfg["unroll_steps"], cfg["network_steps"]) == (3, 400, 600)
     assert stage_names(name) == ("aq-w2a8-ft100-sens-rmin1p5", "aq-w2a8-ft100-sens-rmin1p5-rec300")
-    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), cfg["network_unroll"]))
-    assert args.unroll == 3 and args.blocks == [NETWORK]
-    assert cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"))).unroll == 1
+    assert network_name(name) == "aq-w2a8-ft100-sens-rmin1p5-rec300-net600"
+    args = cli.build_parser().parse_args(network_args(Path("w/n"), Path("c"), 400, Path("w/o"), 3))
+    assert (args.unroll, args.steps, args.lr, args.blocks) == (3, 400, UNROLL_LR, [NETWORK])
+    plain = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o")))
+    assert (plain.unroll, plain.lr) == (1, NETWORK_LR)
     with pytest.raises(SystemExit):
-        parse_config("aq-w2a8-ft100-rec300-un3")
+        parse_config("aq-w2a8-ft100-rec300-un3s400")
 
 
 def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized):
