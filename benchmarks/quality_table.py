@@ -135,7 +135,7 @@ def parse_config(name: str) -> dict:
             cfg["reconstruct_steps"] = int(part[3:])
         elif re.fullmatch(r"net\d+", part):
             cfg["network_steps"] = int(part[3:])
-        elif re.fullmatch(r"un\d+s\d+", part):
+        elif re.fullmatch(r"un[1-9]\d*s\d+", part):
             k, n = part[2:].split("s")
             cfg["unroll"], cfg["unroll_steps"] = int(k), int(n)
         elif re.fullmatch(r"n[cq]\d+", part):
@@ -150,7 +150,7 @@ def parse_config(name: str) -> dict:
             cfg["distortion"] = "mse+ssim"
         else:
             raise SystemExit(f"bad configuration {name!r}: unknown part {part!r}")
-    if cfg.get("unroll") and not cfg.get("network_steps"):
+    if "unroll" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -unKsN continues the network stage; it needs -netN")
     return cfg
 
@@ -244,10 +244,11 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
     return work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}-n{k}"
 
 
-def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1) -> list[str]:
+def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1,
+                 lr: float = NETWORK_LR) -> list[str]:
     """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration, or
-    with ``unroll > 1`` of its ``-unKsN`` continuation (the loss unrolled, at ``UNROLL_LR``)."""
-    lr = NETWORK_LR if unroll == 1 else UNROLL_LR
+    of its ``-unKsN`` continuation (``unroll`` K, ``lr`` UNROLL_LR; ``-un1sN``: the one-step
+    loss at that rate, the control)."""
     return ["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
             "--lr", str(lr), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
 
@@ -355,8 +356,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked)) != 0:
                     raise SystemExit(f"end-to-end tuning {name} failed")
                 stages.append("network")
-            if cfg.get("unroll"):
-                if cli(network_args(networked, net_calib, cfg["unroll_steps"], qdir, cfg["unroll"])) != 0:
+            if "unroll" in cfg:
+                if cli(network_args(networked, net_calib, cfg["unroll_steps"], qdir, cfg["unroll"], UNROLL_LR)) != 0:
                     raise SystemExit(f"unrolled end-to-end tuning {name} failed")
                 stages.append("unrolled")
     t_quant = time.time() - t0

@@ -330,8 +330,9 @@ def test_quality_table_names_for_the_unrolled_network_stage():
     assert (cfg["unroll"], cfg["unroll_steps"], cfg["network_steps"]) == (3, 400, 600)
     assert stage_names(name) == ("aq-w2a8-ft100-sens-rmin1p5", "aq-w2a8-ft100-sens-rmin1p5-rec300")
     assert network_name(name) == "aq-w2a8-ft100-sens-rmin1p5-rec300-net600"
-    args = cli.build_parser().parse_args(network_args(Path("w/n"), Path("c"), 400, Path("w/o"), 3))
+    args = cli.build_parser().parse_args(network_args(Path("w/n"), Path("c"), 400, Path("w/o"), 3, UNROLL_LR))
     assert (args.unroll, args.steps, args.lr, args.blocks) == (3, 400, UNROLL_LR, [NETWORK])
+    assert parse_config(name.replace("un3", "un1"))["unroll"] == 1  # the control: one-step loss, same rate
     plain = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o")))
     assert (plain.unroll, plain.lr) == (1, NETWORK_LR)
     with pytest.raises(SystemExit):
