@@ -552,8 +552,6 @@ def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leav
                    step_units=None, outs=None):
     """One Adam step on the trainable leaves of ``units``; the loss compares the outputs of
     the modules at ``outs`` (default: ``units``)."""
-    import optax
-
     outs = units if outs is None else outs
     target = jax.lax.stop_gradient(_unit_outputs(module, outs, ref, x, t, y, g))
 
@@ -562,10 +560,7 @@ def _finetune_step(module, units, treedef, train_idx, lr, theta, opt_state, leav
         return _mean_relative_error(q, target)
 
     loss, grads = jax.value_and_grad(loss_fn)(theta)
-    updates, opt_state = optax.adam(lr).update(grads, opt_state, theta)
-    if step_units is not None:  # learning rate relative to each array's magnitude
-        updates = [u * k for u, k in zip(updates, step_units)]
-    return optax.apply_updates(theta, updates), opt_state, loss
+    return *_adam_update(lr, grads, opt_state, theta, step_units), loss
 
 
 @partial(xla.jit, static_argnames=("module", "units", "paths"))
@@ -709,6 +704,47 @@ def _is_zero_point(path: tuple) -> bool:
     return isinstance(last, jax.tree_util.GetAttrKey) and last.name == "zero"
 
 
+def _trainable(params: dict, float_params: dict, units: tuple) -> tuple:
+    """What tuning ``units`` works on: ``(ref_params, treedef, leaves, train_idx, theta)``.
+
+    ``ref_params`` is ``params`` with the units' float values; ``leaves`` the units'
+    flattened arrays; ``train_idx`` those that train (floating point, not activation
+    zero points); ``theta`` their float32 copies."""
+    ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path([_get(params, u) for u in units])
+    leaves = [jnp.asarray(a) for _, a in path_leaves]
+    train_idx = tuple(i for i, (p, a) in enumerate(path_leaves)
+                      if jnp.issubdtype(a.dtype, jnp.floating) and not _is_zero_point(p))
+    return ref_params, treedef, leaves, train_idx, [leaves[i].astype(jnp.float32) for i in train_idx]
+
+
+def _step_units(theta: list, lr_relative: bool) -> list | None:
+    """Each trained array's mean magnitude, which scales its steps when ``lr_relative``."""
+    if not lr_relative:
+        return None
+    return [jnp.float32(m if m > 0 else 1.0) for m in (float(jnp.mean(jnp.abs(v))) for v in theta)]
+
+
+def _adam_update(lr: float, grads, opt_state, theta, step_units):
+    """One Adam step of ``theta`` (steps scaled by ``step_units`` when given)."""
+    import optax
+
+    updates, opt_state = optax.adam(lr).update(grads, opt_state, theta)
+    if step_units is not None:
+        updates = [u * k for u, k in zip(updates, step_units)]
+    return optax.apply_updates(theta, updates), opt_state
+
+
+def _split_pool(total: int, eval_pairs: int | None, seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(eval_idx, pool, bs)``: the held-out indices deciding keep-or-discard, the indices
+    minibatches come from (all, when the rest cannot hold a minibatch) and the batch size."""
+    eval_idx = _eval_indices(total, eval_pairs, seed)
+    pool = np.setdiff1d(np.arange(total), eval_idx)
+    if len(pool) < batch_size:
+        pool = np.arange(total)
+    return eval_idx, pool, min(batch_size, len(pool))
+
+
 def _check_code_updates(every: int, budget: float) -> None:
     if every < 0 or not 0 < budget <= 1:
         raise ConfigError(f"code_update_every must be >= 0 and code_budget in (0, 1], got {every} and {budget}")
@@ -817,30 +853,17 @@ def finetune_block(
     n_pairs = len(pairs[0])
     units = tuple(block_units(params, block))
     outs = _loss_outputs(block, units)
-    ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
     groups = _pair_groups(model, params, pairs)
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path([_get(params, u) for u in units])
-    leaves = [jnp.asarray(a) for _, a in path_leaves]
-    train_idx = tuple(i for i, (p, a) in enumerate(path_leaves)
-                      if jnp.issubdtype(a.dtype, jnp.floating) and not _is_zero_point(p))
+    ref_params, treedef, leaves, train_idx, theta = _trainable(params, float_params, units)
     seed = _seed_of(key, "finetune:" + block)
-    eval_idx = _eval_indices(n_pairs, eval_pairs, seed)
+    # Train on the pairs the keep-or-discard decision does not look at.
+    eval_idx, pool, bs = _split_pool(n_pairs, eval_pairs, seed, batch_size)
 
     before = _block_error(model, outs, params, ref_params, pairs, eval_idx, batch_size, groups)
-    theta = [leaves[i].astype(jnp.float32) for i in train_idx]
-    step_units = None
-    if lr_relative:
-        mags = [float(jnp.mean(jnp.abs(v))) for v in theta]
-        step_units = [jnp.float32(m if m > 0 else 1.0) for m in mags]
+    step_units = _step_units(theta, lr_relative)
     opt_state = optax.adam(lr).init(theta)
     rng = np.random.default_rng(seed + 1)
     x, t, y = pairs
-    # Train on the pairs the keep-or-discard decision does not look at (all of them when
-    # the calibration is too small to hold a minibatch out).
-    pool = np.setdiff1d(np.arange(n_pairs), eval_idx)
-    if len(pool) < batch_size:
-        pool = np.arange(n_pairs)
-    bs = min(batch_size, len(pool))
     if groups is not None:
         group_ids, group_counts = np.unique(groups[pool], return_counts=True)
     train_set = set(train_idx)
@@ -937,29 +960,23 @@ def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps:
     coef = ddim_eps_coefficient(sched, ts, tps).astype(np.float32)
     eps = eps_fn(model, calib.config.cfg_scale)
     x_all = np.asarray(calib.inputs, np.float32)
-    labels = calib.labels if model.is_class_conditional else None
-    if model.is_class_conditional and labels is None:
-        raise ConfigError("the calibration of a class-conditional model has no labels")
+    labels = None
+    if model.is_class_conditional:
+        if calib.labels is None:
+            raise ConfigError("the calibration of a class-conditional model has no labels")
+        labels = np.asarray(calib.labels, np.int32)
 
     units = tuple(block_units(params, NETWORK))
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path([_get(params, u) for u in units])
-    leaves = [jnp.asarray(a) for _, a in path_leaves]
-    train_idx = tuple(i for i, (p, a) in enumerate(path_leaves)
-                      if jnp.issubdtype(a.dtype, jnp.floating) and not _is_zero_point(p))
-    ref_params = _set_paths(params, {u: _get(float_params, u) for u in units})
+    ref_params, treedef, leaves, train_idx, theta = _trainable(params, float_params, units)
 
     # Starts: (step s, trajectory n) with `unroll` steps left, flat index s * n_traj + n.
     n_starts = (num_steps - unroll + 1) * n_traj
     seed = _seed_of(key, "finetune:" + NETWORK)
-    eval_idx = _eval_indices(n_starts, eval_pairs, seed)
-    pool = np.setdiff1d(np.arange(n_starts), eval_idx)
-    if len(pool) < batch_size:
-        pool = np.arange(n_starts)
-    bs = min(batch_size, len(pool))
+    eval_idx, pool, bs = _split_pool(n_starts, eval_pairs, seed, batch_size)
 
     def batch(s: int, n: np.ndarray):
         sl = slice(s, s + unroll)
-        y = None if labels is None else jnp.asarray(np.asarray(labels, np.int32)[n])
+        y = None if labels is None else jnp.asarray(labels[n])
         return jnp.asarray(x_all[s, n]), jnp.asarray(ts[sl]), jnp.asarray(tps[sl]), jnp.asarray(coef[sl]), y
 
     errors = xla.jit(partial(_unrolled_errors, eps, sched))
@@ -978,11 +995,7 @@ def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps:
             ratios.append(num / np.maximum(den, 1e-30))
         return float(np.mean(ratios))
 
-    step_units = None
-    theta = [leaves[i].astype(jnp.float32) for i in train_idx]
-    if lr_relative:
-        step_units = [jnp.float32(m if m > 0 else 1.0) for m in (float(jnp.mean(jnp.abs(v))) for v in theta)]
-    opt = optax.adam(lr)
+    step_units = _step_units(theta, lr_relative)
 
     @xla.jit
     def train_step(theta, opt_state, leaves, base, ref, x, a, b, c, y):
@@ -992,15 +1005,12 @@ def _finetune_unrolled(model, params: dict, float_params: dict, calib, *, steps:
             return jnp.mean(num / jnp.maximum(den, 1e-30))
 
         loss, grads = jax.value_and_grad(loss_fn)(theta)
-        updates, opt_state = opt.update(grads, opt_state, theta)
-        if step_units is not None:
-            updates = [u * k for u, k in zip(updates, step_units)]
-        return optax.apply_updates(theta, updates), opt_state, loss
+        return *_adam_update(lr, grads, opt_state, theta, step_units), loss
 
     before = held_out(params)
     one_step_before = block_output_error(model, params, float_params, NETWORK, calib, num_pairs=eval_pairs,
                                          batch_size=batch_size, seed=seed)
-    opt_state = opt.init(theta)
+    opt_state = optax.adam(lr).init(theta)
     rng = np.random.default_rng(seed + 1)
     pool_steps = pool // n_traj
     starts = np.unique(pool_steps)
