@@ -21,6 +21,8 @@ Configurations are short names:
                             by measured layer sensitivity, may be named with -sens)
     aq-w2a8-ft100-rmin1     ... no layer below 1 code bit per weight (--aq-min-code-bits 1, the CLI's
                             default; 0p5: 0.5). Without -rminR: no floor (--aq-min-code-bits 0)
+    aq-w2a8-ft100-sens-rmin1p5-plm  ... planned with --aq-planning measured (groups of 1-2
+                            weights too, the proxy fitted on real layers, offsets measured per layer)
     aq-w2a8-ft100-it15      ... at most 15 rounds of codebook updates and code search per layer
                             (--aq-rounds 15; default 5)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
@@ -100,7 +102,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -115,6 +117,8 @@ def parse_config(name: str) -> dict:
             cfg["aq_rounds"] = int(part[2:])
         elif re.fullmatch(r"rmin\d+(p\d+)?", part) and m["method"] == "aq":
             cfg["min_code_bits"] = float(part[4:].replace("p", "."))
+        elif part == "plm" and m["method"] == "aq":
+            cfg["planning"] = "measured"
         elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
             cfg["min_weight_bits"] = int(part[4:])
         elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
@@ -220,6 +224,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         argv += ["--aq-min-code-bits", str(cfg.get("min_code_bits", 0.0))]
         if cfg.get("aq_rounds"):
             argv += ["--aq-rounds", str(cfg["aq_rounds"])]
+        if cfg.get("planning"):
+            argv += ["--aq-planning", cfg["planning"]]
     return argv
 
 

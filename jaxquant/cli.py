@@ -430,7 +430,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
                          beam_size=args.beam, finetune_steps=args.finetune_steps,
                          code_update_every=args.code_update_every, code_budget=args.code_budget,
                          layer_weighting=args.aq_weighting, min_code_bits=floor,
-                         progress_dir=progress_dir,
+                         planning=args.aq_planning or "gaussian", progress_dir=progress_dir,
                          aq_options=None if args.aq_rounds is None else {"max_iters": args.aq_rounds},
                          key=args.seed)
     kernels = layer_kernels(model.params)
@@ -441,7 +441,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "a_bits": args.a_bits, "timestep_groups": calib.config.groups, "beam": args.beam,
         "rounds": args.aq_rounds or DEFAULT_MAX_ITERS,
         "weighting": None if args.aq_preset else (args.aq_weighting or "sensitivity"),
-        "min_code_bits": floor,
+        "min_code_bits": floor, "planning": None if args.aq_preset else (args.aq_planning or "gaussian"),
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
         "code_budget": args.code_budget, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
         "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
@@ -859,6 +859,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "minutes), or by its number of weights (count)")
     qz.add_argument("--aq-min-code-bits", type=float, default=None, metavar="R",
                     help="aq: plan no layer below R code bits per weight (M·B/g; default 1; 0: no floor)")
+    qz.add_argument("--aq-planning", choices=["gaussian", "measured"], default=None,
+                    help="aq: the planner's distortion model: the proxy fitted on a Gaussian weight over g >= 4 "
+                    "(gaussian, the default), or groups of 1 and 2 weights too, a proxy fitted on real layers "
+                    "and each layer's offset measured by one AQ run of it (measured, a few minutes more)")
     qz.add_argument("--aq-preset", choices=["W2", "W4"], default=None,
                     help="aq: AQUATIC-Diff's configuration for every layer (2x8 / 4x8, g9 for 3x3 convs, g8 "
                     "otherwise) instead of planning to --w-bits")

@@ -24,9 +24,11 @@ from jaxquant.quant import aq_model
 from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.activation import ActQuant
 from jaxquant.quant.additive import AQWeight, aq_bits_per_weight, relative_error
-from jaxquant.quant.aq_model import (AQConfig, block_of, block_output_error, block_units, default_candidates,
-                                     finetune_block, plan_aq_configs, plan_bits, plan_table, preset_config, preset_plan,
-                                     proxy_distortion, quantize_aq)
+from jaxquant.quant.additive import quantize_kernel
+from jaxquant.quant.aq_model import (LAYER_PROXY_DB, OFFSET_PROBE, AQConfig, block_of, block_output_error, block_units,
+                                     default_candidates, finetune_block, measure_layer_offsets, plan_aq_configs,
+                                     plan_bits, plan_table, preset_config, preset_plan, proxy_distortion, quantize_aq,
+                                     wide_candidates)
 from jaxquant.quant.quantize import ActQuantConfig
 from jaxquant.quant.rules import Rule, _copy_dicts, layer_kernels
 
@@ -164,6 +166,81 @@ def test_min_code_bits_floors_every_planned_layer():
         plan_aq_configs(SHAPES, 8.0, min_code_bits=70.0)
     with pytest.raises(ConfigError, match="min_code_bits"):
         plan_aq_configs(SHAPES, 2.0, min_code_bits=-1.0)
+
+
+def test_wide_candidates_and_the_layer_proxy():
+    for shape in SHAPES.values():
+        wide, base = wide_candidates(shape), default_candidates(shape)
+        assert set(base) <= set(wide) and all(c.fits(shape) and c.code_bits <= 16 for c in wide)
+        assert {c.group_size for c in wide} - {c.group_size for c in base} == {1, 2}
+    shape = SHAPES["mid_conv"]
+    c = AQConfig(2, 6, 4)
+    assert proxy_distortion(c, shape) == proxy_distortion(c, shape, (aq_model.PROXY_DB_PER_CODE_BIT,
+                                                                      aq_model.PROXY_DB_PER_NBIT,
+                                                                      aq_model.PROXY_DB_PER_CODEBOOK_BIT))
+    a, b, k, m = LAYER_PROXY_DB
+    book = 16 * 2 * 64 * 4 / np.prod(shape)
+    want = -(a * 3.0 + b * 6 + k * book + m * 1) - 2.5
+    assert np.isclose(10 * np.log10(proxy_distortion(c, shape, LAYER_PROXY_DB, -2.5)), want)
+    # Under the layer proxy a second codebook costs: at 8 code bits per weight one 8-bit scalar
+    # codebook beats eight 4-bit codebooks of 4-vectors, which the Gaussian proxy prefers.
+    one, eight = AQConfig(1, 8, 1), AQConfig(8, 4, 4)
+    assert proxy_distortion(one, shape, LAYER_PROXY_DB) < proxy_distortion(eight, shape, LAYER_PROXY_DB)
+
+
+def test_layer_offsets_move_bits_to_the_layers_that_are_hard_to_quantize():
+    shapes = {"a": (3, 3, 32, 64), "b": (3, 3, 32, 64)}
+    even = plan_aq_configs(shapes, 3.0, wide_candidates, coefficients=LAYER_PROXY_DB, layer_offsets={"a": 0, "b": 0})
+    bits = {n: c.stored_bits(shapes[n]) for n, c in even.items()}
+    # "a" reaches 10 dB lower errors than "b" at every configuration: it needs fewer bits.
+    skew = plan_aq_configs(shapes, 3.0, wide_candidates, coefficients=LAYER_PROXY_DB,
+                           layer_offsets={"a": -10.0, "b": 0.0})
+    assert skew["a"].stored_bits(shapes["a"]) < min(bits.values()) <= max(bits.values()) < skew["b"].stored_bits(shapes["b"])
+    assert plan_bits(shapes, skew) <= 3.0
+    with pytest.raises(ConfigError, match="no finite offset"):
+        plan_aq_configs(shapes, 3.0, layer_offsets={"a": 0.0})
+
+
+def test_measured_offsets_are_the_probe_error_against_the_proxy(model, calib):
+    kernels = layer_kernels(model.params)
+    names = ["mid_block.attentions.0.to_q", "mid_block.resnets.0.conv1"]
+    off = measure_layer_offsets({n: kernels[n] for n in names}, calib.xtx, key=3, beam_size=2, progress=False)
+    probe = AQConfig(*OFFSET_PROBE)
+    for n in names:
+        w, _ = quantize_kernel(kernels[n], calib.xtx[n], *OFFSET_PROBE, beam_size=2,
+                               key=jax.random.fold_in(jax.random.key(3), aq_model.zlib.crc32(n.encode()) & 0x7FFFFFFF))
+        measured = 10 * np.log10(relative_error(w, kernels[n], calib.xtx[n]))
+        proxy = 10 * np.log10(proxy_distortion(probe, tuple(kernels[n].shape), LAYER_PROXY_DB))
+        assert np.isclose(off[n], measured - proxy, atol=1e-6)
+
+
+def test_measured_planning(model, calib, tmp_path):
+    settings = SETTINGS
+    r = quantize_aq(model, calib, TARGET, None, finetune_steps=0, planning="measured", progress_dir=tmp_path / "p",
+                    **settings)
+    saved = json.loads((tmp_path / "p" / "offsets.json").read_text())
+    assert set(saved["offsets"]) == set(r.plan)
+    kernels = layer_kernels(model.params)
+    assert plan_bits(kernels, r.plan) <= TARGET
+    assert r.plan == plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET, wide_candidates,
+                                     min_code_bits=aq_model.DEFAULT_MIN_CODE_BITS, coefficients=LAYER_PROXY_DB,
+                                     layer_offsets=saved["offsets"])
+    # the offsets are reused from the progress directory (a changed file is what the planner sees)
+    bumped = {**saved["offsets"], "mid_block.resnets.0.conv1": saved["offsets"]["mid_block.resnets.0.conv1"] + 30}
+    (tmp_path / "p" / "offsets.json").write_text(json.dumps({**saved, "offsets": bumped}))
+    plan2 = plan_aq_configs({n: kernels[n] for n in r.plan}, TARGET, wide_candidates,
+                            min_code_bits=aq_model.DEFAULT_MIN_CODE_BITS, coefficients=LAYER_PROXY_DB,
+                            layer_offsets=bumped)
+    # a fresh progress directory holding only the (edited) offsets: the run plans with them
+    (tmp_path / "p3").mkdir()
+    (tmp_path / "p3" / "offsets.json").write_text((tmp_path / "p" / "offsets.json").read_text())
+    r3 = quantize_aq(model, calib, TARGET, None, finetune_steps=0, planning="measured", progress_dir=tmp_path / "p3",
+                     **settings)
+    assert r3.plan == plan2
+    with pytest.raises(ConfigError, match="planning must be"):
+        quantize_aq(model, calib, TARGET, planning="bogus", **settings)
+    with pytest.raises(ConfigError, match="not to a given plan"):
+        quantize_aq(model, calib, plan=r.plan, planning="measured", progress=False)
 
 
 def test_presets_are_the_papers_configurations():
@@ -426,6 +503,7 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     assert json.dumps(meta).count('"aq"') >= 1
     assert '"weighting": "sensitivity"' in json.dumps(meta)  # the default plan
     assert '"min_code_bits": 0.5' in json.dumps(meta) and '"rounds": 2' in json.dumps(meta)
+    assert '"planning": "gaussian"' in json.dumps(meta)
     # the rounds reach quantize_matrix (and the resume fingerprint: a run with other rounds does not resume this)
     assert json.loads((tmp_path / "q.progress" / "progress.json").read_text())["settings"]["aq_options"] == {
         "max_iters": "2"}

@@ -293,6 +293,9 @@ def test_quality_table_names_for_reconstruction():
     rounds = quantize_args("m", parse_config("aq-w2a8-ft100-it15-sens-rmin1p5"), Path("c"), Path("w/q"))
     assert rounds[rounds.index("--aq-rounds") + 1] == "15"
     assert "--aq-rounds" not in quantize_args("m", parse_config("aq-w2a8-ft100-sens"), Path("c"), Path("w/q"))
+    measured = quantize_args("m", parse_config("aq-w2a8-ft100-sens-rmin1p5-plm"), Path("c"), Path("w/q"))
+    assert measured[measured.index("--aq-planning") + 1] == "measured"
+    assert "--aq-planning" not in rounds
     assert quantize_args("m", cfg, Path("c"), Path("w/q")) == quantize_args("m", parse_config("rd-w6a6-g10-sm50"),
                                                                             Path("c"), Path("w/q"))
     net = parse_config("aq-w2a8-ft100-sens-rmin1-rec300-net500")

@@ -104,7 +104,7 @@ from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.io.model_dir import params_digest
 from jaxquant.quant import serialize
 from jaxquant.quant.activation import at_timestep_group, has_grouped, is_grouped, timestep_group
-from jaxquant.quant.additive import aq_bits_per_weight, aq_stored_bits, quantize_kernel
+from jaxquant.quant.additive import aq_bits_per_weight, aq_stored_bits, quantize_kernel, relative_error
 from jaxquant.quant.rules import Rule, _copy_dicts, _split_name, default_rules, layer_kernels, resolve
 
 #: How :func:`quantize_aq` weighs each layer's error when planning (see its docstring).
@@ -120,6 +120,20 @@ DEFAULT_MIN_CODE_BITS = 1.0
 #: Coefficients of the planning proxy: dB per code bit per weight, per bit of ``B``, per
 #: codebook bit per weight (see the module docstring).
 PROXY_DB_PER_CODE_BIT, PROXY_DB_PER_NBIT, PROXY_DB_PER_CODEBOOK_BIT = 4.7, 0.29, 0.83
+
+#: How :func:`quantize_aq` plans (see *Measured planning* in the module docstring).
+PLANNINGS = ("gaussian", "measured")
+
+#: The proxy of ``"measured"`` planning, ``(dB per code bit, per bit of B, per codebook bit,
+#: per codebook beyond the first)``: a least-squares fit, with one intercept per layer, to
+#: what :func:`~jaxquant.quant.additive.quantize_kernel` (beam 8, default rounds) reaches on
+#: 7 ddpm-fmnist layers (4 096 to 294 912 weights, calibration ``XᵀX``) in 34
+#: configurations from ``1x2 g1`` to ``8x4 g4`` (rms residual 1.19 dB, largest 4.9 dB).
+LAYER_PROXY_DB = (4.96, 0.22, 0.83, -1.16)
+
+#: The configuration :func:`measure_layer_offsets` quantizes each layer with: it fits every
+#: layer (``g = 1``) and is among the quickest to encode.
+OFFSET_PROBE = (1, 2, 1)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -208,23 +222,63 @@ def default_candidates(shape: tuple[int, ...]) -> list[AQConfig]:
             if AQConfig(m, b, g).fits(shape)]
 
 
-def proxy_distortion(cfg: AQConfig, shape: tuple[int, ...]) -> float:
-    """The planning proxy per weight of a layer of ``shape``, ``10^(proxy_dB/10)``
-    (see the module docstring)."""
+def wide_candidates(shape: tuple[int, ...]) -> list[AQConfig]:
+    """:func:`default_candidates` plus groups of ``g`` ∈ {1, 2} weights (at most 16 code bits
+    per weight): the candidates of ``"measured"`` planning. At 2 code bits per weight and
+    more, ``1xB g1`` and ``1xB g2`` reach 2-10 dB lower errors than the ``g ≥ 4``
+    configurations of the same stored bits on ddpm-fmnist's layers (BENCHMARKS.md)."""
+    shape = _shape(shape)
+    small = [AQConfig(m, b, g) for m in range(1, 9) for b in range(2, 9) for g in (1, 2)
+             if m * b / g <= 16 and AQConfig(m, b, g).fits(shape)]
+    return small + default_candidates(shape)
+
+
+def proxy_distortion(cfg: AQConfig, shape: tuple[int, ...], coefficients: Sequence[float] | None = None,
+                     offset_db: float = 0.0) -> float:
+    """The planning proxy per weight of a layer of ``shape``, ``10^(proxy_dB/10)`` (see the
+    module docstring). ``coefficients``: ``(per code bit, per bit of B, per codebook bit[,
+    per codebook beyond the first])`` in dB (default: the Gaussian fit, ``PROXY_DB_*``;
+    :data:`LAYER_PROXY_DB` for measured planning); ``offset_db`` is added (the layer's
+    measured offset, :func:`measure_layer_offsets`)."""
+    a, b, c, *rest = (PROXY_DB_PER_CODE_BIT, PROXY_DB_PER_NBIT, PROXY_DB_PER_CODEBOOK_BIT) \
+        if coefficients is None else coefficients
     n = int(np.prod(shape))
     codebook_bits = 16.0 * cfg.num_codebooks * 2 ** cfg.nbits * cfg.group_size / n
-    db = -(PROXY_DB_PER_CODE_BIT * cfg.code_bits + PROXY_DB_PER_NBIT * cfg.nbits
-           + PROXY_DB_PER_CODEBOOK_BIT * codebook_bits)
+    db = -(a * cfg.code_bits + b * cfg.nbits + c * codebook_bits
+           + (rest[0] * (cfg.num_codebooks - 1) if rest else 0.0)) + offset_db
     return 10.0 ** (db / 10.0)
 
 
+def measure_layer_offsets(kernels: dict[str, Any], xtx: dict[str, Any], *, key: Any = 0, beam_size: int = 8,
+                          coefficients: Sequence[float] = LAYER_PROXY_DB, progress: bool = True) -> dict[str, float]:
+    """Each layer's measured offset from the proxy, in dB: the relative objective that
+    :func:`~jaxquant.quant.additive.quantize_kernel` reaches at :data:`OFFSET_PROBE` on the
+    layer's own weights and ``XᵀX``, minus the proxy's value there. Layers differ by more
+    than 10 dB (how much of a layer's weight the inputs' covariance lets AQ leave out);
+    the Gaussian proxy treats them alike. ``{layer: offset_db}``."""
+    key = _as_key(key)
+    probe = AQConfig(*OFFSET_PROBE)
+    out = {}
+    for n in tqdm(list(kernels), desc="AQ layer offsets", unit="layer", disable=not progress):
+        shape = _shape(kernels[n])
+        w, _ = quantize_kernel(kernels[n], xtx[n], probe.num_codebooks, probe.nbits, probe.group_size,
+                               key=jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF),
+                               beam_size=beam_size)
+        measured = 10.0 * np.log10(max(relative_error(w, kernels[n], xtx[n]), 1e-30))
+        out[n] = float(measured - 10.0 * np.log10(proxy_distortion(probe, shape, coefficients)))
+        xla.release_compiled_if_crowded()
+    return out
+
+
 def _pareto_points(shape: tuple[int, ...], cands: Iterable[AQConfig],
-                   weight: float | None = None) -> list[tuple[int, float, AQConfig]]:
+                   weight: float | None = None, coefficients: Sequence[float] | None = None,
+                   offset_db: float = 0.0) -> list[tuple[int, float, AQConfig]]:
     """``(bits, w·d, config)`` sorted by bits, keeping only those that lower the distortion;
     ``w`` is the layer's weight in the objective (default ``N``, its number of weights).
     Ties (same bits and distortion) go to larger ``B``, larger ``g``, fewer ``M``."""
     w = float(np.prod(shape)) if weight is None else float(weight)
-    pts = sorted({(c.stored_bits(shape), w * proxy_distortion(c, shape), c) for c in cands},
+    pts = sorted({(c.stored_bits(shape), w * proxy_distortion(c, shape, coefficients, offset_db), c)
+                  for c in cands},
                  key=lambda p: (p[0], p[1], -p[2].nbits, -p[2].group_size, p[2].num_codebooks))
     out: list[tuple[int, float, AQConfig]] = []
     for p in pts:
@@ -255,6 +309,8 @@ def plan_aq_configs(
     fixed: dict[str, AQConfig] | None = None,
     layer_weights: dict[str, float] | None = None,
     min_code_bits: float = 0.0,
+    coefficients: Sequence[float] | None = None,
+    layer_offsets: dict[str, float] | None = None,
 ) -> dict[str, AQConfig]:
     """Choose an AQ configuration per layer under an average bit budget.
 
@@ -275,6 +331,10 @@ def plan_aq_configs(
         candidates below it are dropped. The proxy is fitted on ``1 ≤ r ≤ 2`` and the
         sensitivities are measured at the errors of 2-4-bit uniform weights; a floor of 1
         keeps every layer where both were measured.
+      coefficients: the proxy's dB coefficients (:func:`proxy_distortion`; default the
+        Gaussian fit).
+      layer_offsets: ``{layer: dB}`` added to each planned layer's proxy
+        (:func:`measure_layer_offsets`); default 0 for all.
 
     Returns:
       ``{layer name: AQConfig}`` for every layer, in the order of ``kernels``; see the
@@ -321,7 +381,10 @@ def plan_aq_configs(
         if not cands:
             raise ConfigError(f"no AQ candidate configuration of layer {n} has {min_code_bits:g} code bits per "
                               "weight or more; lower min_code_bits or widen the candidates")
-        points[n] = _pareto_points(s, cands, None if layer_weights is None else layer_weights[n])
+        if layer_offsets is not None and not np.isfinite(layer_offsets.get(n, np.nan)):
+            raise ConfigError(f"layer_offsets has no finite offset for layer {n!r}")
+        points[n] = _pareto_points(s, cands, None if layer_weights is None else layer_weights[n],
+                                   coefficients, 0.0 if layer_offsets is None else layer_offsets[n])
         hulls[n] = _lower_hull(points[n])
 
     choice = {n: h[0] for n, h in hulls.items()}
@@ -1238,6 +1301,24 @@ def resolve_aq_rules(kernels: dict, rules: Sequence[Rule] | None) -> tuple[list[
     return names, {n: c for n, c in resolved.items() if isinstance(c, AQConfig)}
 
 
+def _layer_offsets(kernels: dict[str, Any], xtx: dict[str, Any], key: Any, beam_size: int,
+                   progress_dir: str | os.PathLike | None, progress: bool) -> dict[str, float]:
+    """:func:`measure_layer_offsets`, kept in ``progress_dir/offsets.json`` (reused when it
+    holds every layer, measured with the same key and beam)."""
+    path = None if progress_dir is None else Path(progress_dir) / "offsets.json"
+    tag = {"key": _key_json(_as_key(key)), "beam_size": beam_size, "probe": list(OFFSET_PROBE),
+           "coefficients": list(LAYER_PROXY_DB)}
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == tag and set(kernels) <= set(saved["offsets"]):
+            return {n: saved["offsets"][n] for n in kernels}
+    offsets = measure_layer_offsets(kernels, xtx, key=key, beam_size=beam_size, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": tag, "offsets": offsets}, indent=1))
+    return offsets
+
+
 def quantize_aq(
     model,
     calib,
@@ -1255,6 +1336,7 @@ def quantize_aq(
     code_budget: float = 0.01,
     layer_weighting: str | dict[str, float] | None = None,
     min_code_bits: float | None = None,
+    planning: str = "gaussian",
     progress_dir: str | os.PathLike | None = None,
     key: Any = 0,
     aq_options: dict | None = None,
@@ -1289,6 +1371,11 @@ def quantize_aq(
         :data:`DEFAULT_MIN_CODE_BITS` (1). Without a floor, sensitivity planning on
         ddpm-fmnist at W2 put the mid block at 0.2-0.35 code bits per weight (20-30 %
         relative error) and the FID was 16.7 instead of 12.2.
+      planning: ``"gaussian"`` (the proxy fitted on a Gaussian weight, :func:`default_candidates`)
+        or ``"measured"`` (:func:`wide_candidates`, :data:`LAYER_PROXY_DB`, and each layer's
+        offset measured by :func:`measure_layer_offsets`, saved to
+        ``progress_dir/offsets.json``). Only with ``target_bits``; ``candidates`` overrides
+        the candidate set of either.
       progress_dir: directory for finished layers/blocks; rerunning with the same
         settings resumes there (``None``: nothing is saved).
       key: PRNG key or int seed; layer ``n`` uses ``fold_in(key, crc32(n))``.
@@ -1308,8 +1395,11 @@ def quantize_aq(
     _check_code_updates(code_update_every, code_budget)
     if code_update_every and not finetune_steps:
         raise ConfigError("code updates happen during block fine-tuning: set finetune_steps > 0")
-    if plan is not None and (layer_weighting is not None or min_code_bits is not None):
-        raise ConfigError("layer_weighting and min_code_bits apply to planning by target_bits, not to a given plan")
+    if plan is not None and (layer_weighting is not None or min_code_bits is not None or planning != "gaussian"):
+        raise ConfigError("layer_weighting, min_code_bits and planning apply to planning by target_bits, "
+                          "not to a given plan")
+    if planning not in PLANNINGS:
+        raise ConfigError(f"planning must be one of {', '.join(PLANNINGS)}, got {planning!r}")
     layer_weighting = "sensitivity" if layer_weighting is None else layer_weighting
     if not isinstance(layer_weighting, dict) and layer_weighting not in LAYER_WEIGHTINGS:
         raise ConfigError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)} or a dict, "
@@ -1326,9 +1416,18 @@ def quantize_aq(
             weights = weight_sensitivity(model, calib, [n for n in names if n not in fixed],
                                          out_dir=None if progress_dir is None else Path(progress_dir) / "sensitivity",
                                          progress=progress)
+        coefficients = offsets = None
+        if planning == "measured":
+            if not getattr(calib, "xtx", None) or any(n not in calib.xtx for n in names if n not in fixed):
+                raise ConfigError("measured AQ planning needs the calibration's XᵀX of every planned layer")
+            candidates = wide_candidates if candidates is None else candidates
+            coefficients = LAYER_PROXY_DB
+            offsets = _layer_offsets({n: kernels[n] for n in names if n not in fixed}, calib.xtx, key, beam_size,
+                                     progress_dir, progress)
         plan = plan_aq_configs({n: kernels[n] for n in names}, target_bits, candidates, fixed=fixed,
                                layer_weights=weights,
-                               min_code_bits=DEFAULT_MIN_CODE_BITS if min_code_bits is None else min_code_bits)
+                               min_code_bits=DEFAULT_MIN_CODE_BITS if min_code_bits is None else min_code_bits,
+                               coefficients=coefficients, layer_offsets=offsets)
     else:
         unknown = sorted(set(plan) - set(kernels))
         if unknown:
