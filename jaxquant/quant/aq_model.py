@@ -79,6 +79,19 @@ upgrade that still fits. :func:`quantize_aq` plans no layer below one code bit p
 (``min_code_bits``, :data:`DEFAULT_MIN_CODE_BITS`): below it the proxy is extrapolated
 and the sensitivities, measured at the errors of 2-4-bit uniform weights, no longer hold;
 on ddpm-fmnist at W2A8 the floor took FID from 16.7 to 12.2 at the same size.
+
+**Measured planning** (``planning="measured"``, ``jaxquant quantize --aq-planning
+measured``). The Gaussian proxy misleads in two ways on real layers. (1) At 2 code bits per
+weight and more, one codebook of scalars or pairs (``1xB g1``, ``1xB g2``) beats several
+codebooks of 4-vectors by 2-10 dB at equal stored bits (ddpm-fmnist,
+``down_blocks.0.resnets.0.conv1``: ``8x4 g4`` at 8.9 bits -43.9 dB, ``1x7 g1`` at 7.3 bits
+-46.6 dB), and :func:`default_candidates` offers neither. (2) Layers differ by more than
+10 dB in how small an error a configuration reaches on them (the structure of their weights
+and of their inputs' ``XᵀX``), and the proxy scores them alike. Measured planning takes
+:func:`wide_candidates`, the proxy :data:`LAYER_PROXY_DB` fitted on 7 ddpm-fmnist layers
+(with one intercept per layer; its new term charges 1.16 dB per codebook beyond the first),
+and adds each layer's own intercept, measured by one AQ run of the layer at
+:data:`OFFSET_PROBE` (:func:`measure_layer_offsets`, about a second per layer).
 """
 
 from __future__ import annotations
