@@ -23,6 +23,9 @@ Configurations are short names:
                             default; 0p5: 0.5). Without -rminR: no floor (--aq-min-code-bits 0)
     aq-w2a8-ft100-sens-rmin1p5-plm  ... planned with --aq-planning measured (groups of 1-2
                             weights too, the proxy fitted on real layers, offsets measured per layer)
+    aq-w2a8-ft100-rec300-net600-fa  the model named without -fa, sampled with its activation
+                            quantizers removed (its tuned parameters kept): what its weights cost alone;
+                            the bytes reported are the stored model's
     aq-w2a8-ft100-it15      ... at most 15 rounds of codebook updates and code search per layer
                             (--aq-rounds 15; default 5)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
@@ -102,7 +105,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-fa] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -119,6 +122,8 @@ def parse_config(name: str) -> dict:
             cfg["min_code_bits"] = float(part[4:].replace("p", "."))
         elif part == "plm" and m["method"] == "aq":
             cfg["planning"] = "measured"
+        elif part == "fa" and m["method"] != "fp":
+            cfg["float_acts"] = True
         elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
             cfg["min_weight_bits"] = int(part[4:])
         elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
@@ -311,6 +316,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     from jaxquant.quant.accounting import storage_report
 
     cfg = parse_config(name)
+    samples_name, name = name, name.removesuffix("-fa")  # -fa: the model named without it, sampled without
     t0 = time.time()
     stages: list[str] = []  # the stages this run executed (none: the model dir was reused as it is)
     if cfg["method"] == "fp":
@@ -369,10 +375,14 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     t_quant = time.time() - t0
     model = jaxquant.load(str(qdir))
     rep = storage_report(model.params)
-    npz = work / f"{name}-samples.npz"
+    if cfg.get("float_acts"):
+        from benchmarks.sample_drift import _without_act_quant
+
+        model = jaxquant.Model(model.meta, _without_act_quant(model.params), model.path)
+    npz = work / f"{samples_name}-samples.npz"
     if not npz.is_file():
         labels = sample_labels(model, args.num)
-        partial = work / f"{name}-samples.partial"  # finished batches: a killed run resumes there
+        partial = work / f"{samples_name}-samples.partial"  # finished batches: a killed run resumes there
         imgs = generate(model, args.num, steps=args.steps, seed=args.seed, batch_size=args.batch,
                         labels=labels, cfg_scale=args.cfg_scale, resume_dir=partial)
         save_samples_npz(imgs, npz, labels)

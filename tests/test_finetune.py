@@ -296,6 +296,11 @@ def test_quality_table_names_for_reconstruction():
     measured = quantize_args("m", parse_config("aq-w2a8-ft100-sens-rmin1p5-plm"), Path("c"), Path("w/q"))
     assert measured[measured.index("--aq-planning") + 1] == "measured"
     assert "--aq-planning" not in rounds
+    fa = parse_config("aq-w2a8-ft100-sens-rmin1p5-rec300-net600-fa")
+    assert fa["float_acts"] and fa["network_steps"] == 600  # the stages of the model it samples
+    assert "float_acts" not in parse_config("aq-w2a8-ft100-sens-rmin1p5-rec300-net600")
+    with pytest.raises(SystemExit):
+        parse_config("fp-fa")
     assert quantize_args("m", cfg, Path("c"), Path("w/q")) == quantize_args("m", parse_config("rd-w6a6-g10-sm50"),
                                                                             Path("c"), Path("w/q"))
     net = parse_config("aq-w2a8-ft100-sens-rmin1-rec300-net500")
