@@ -275,8 +275,7 @@ def measure_layer_offsets(kernels: dict[str, Any], xtx: dict[str, Any], *, key: 
     for n in tqdm(list(kernels), desc="AQ layer offsets", unit="layer", disable=not progress):
         shape = _shape(kernels[n])
         w, _ = quantize_kernel(kernels[n], xtx[n], probe.num_codebooks, probe.nbits, probe.group_size,
-                               key=jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF),
-                               beam_size=beam_size)
+                               key=_named_key(key, n), beam_size=beam_size)
         measured = 10.0 * np.log10(max(relative_error(w, kernels[n], xtx[n]), 1e-30))
         out[n] = float(measured - 10.0 * np.log10(proxy_distortion(probe, shape, coefficients)))
         xla.release_compiled_if_crowded()
@@ -768,9 +767,13 @@ def block_output_error(model, params: dict, float_params: dict, block: str, cali
                         batch_size, _pair_groups(model, params, pairs))
 
 
+def _named_key(key: jax.Array, name: str) -> jax.Array:
+    """``fold_in(key, crc32(name))``: the key of one layer (or other named unit)."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
 def _seed_of(key: jax.Array, salt: str) -> int:
-    k = jax.random.fold_in(key, zlib.crc32(salt.encode()) & 0x7FFFFFFF)
-    return int(jax.random.randint(k, (), 0, 2**31 - 1))
+    return int(jax.random.randint(_named_key(key, salt), (), 0, 2**31 - 1))
 
 
 def _is_zero_point(path: tuple) -> bool:
@@ -1314,6 +1317,16 @@ def resolve_aq_rules(kernels: dict, rules: Sequence[Rule] | None) -> tuple[list[
     return names, {n: c for n, c in resolved.items() if isinstance(c, AQConfig)}
 
 
+def _check_xtx(calib, layers: Iterable[str]) -> None:
+    """ConfigError unless ``calib`` holds ``XᵀX`` of every layer to quantize."""
+    if not getattr(calib, "xtx", None):
+        raise ConfigError("AQ needs XᵀX statistics: calibrate with CalibConfig(xtx=True)")
+    missing = [n for n in layers if n not in calib.xtx]
+    if missing:
+        raise ConfigError(f"the calibration has no XᵀX for layer(s) {', '.join(missing[:5])}: was it made with "
+                          "this model?")
+
+
 def _layer_offsets(kernels: dict[str, Any], xtx: dict[str, Any], key: Any, beam_size: int,
                    progress_dir: str | os.PathLike | None, progress: bool) -> dict[str, float]:
     """:func:`measure_layer_offsets`, kept in ``progress_dir/offsets.json`` (reused when it
@@ -1421,6 +1434,7 @@ def quantize_aq(
     weights = None
     if plan is None:
         names, fixed = resolve_aq_rules(kernels, rules)
+        _check_xtx(calib, names)
         if isinstance(layer_weighting, dict):
             weights = {n: float(v) for n, v in layer_weighting.items()}
         elif layer_weighting == "sensitivity":
@@ -1431,8 +1445,6 @@ def quantize_aq(
                                          progress=progress)
         coefficients = offsets = None
         if planning == "measured":
-            if not getattr(calib, "xtx", None) or any(n not in calib.xtx for n in names if n not in fixed):
-                raise ConfigError("measured AQ planning needs the calibration's XᵀX of every planned layer")
             candidates = wide_candidates if candidates is None else candidates
             coefficients = LAYER_PROXY_DB
             offsets = _layer_offsets({n: kernels[n] for n in names if n not in fixed}, calib.xtx, key, beam_size,
@@ -1448,12 +1460,7 @@ def quantize_aq(
         for n, c in plan.items():
             if not c.fits(_shape(kernels[n])):
                 raise ConfigError(f"AQ config {c.describe()} does not fit layer {n} of shape {_shape(kernels[n])}")
-    if not getattr(calib, "xtx", None):
-        raise ConfigError("AQ needs XᵀX statistics: calibrate with CalibConfig(xtx=True)")
-    missing = [n for n in plan if n not in calib.xtx]
-    if missing:
-        raise ConfigError(f"the calibration has no XᵀX for layer(s) {', '.join(missing[:5])}: was it made with "
-                          "this model?")
+        _check_xtx(calib, plan)
     aq_options = dict(aq_options or {})
     key = _as_key(key)
     store = None
@@ -1489,7 +1496,7 @@ def quantize_aq(
 
                 weight, hist = quantize_kernel(
                     kernels[name], calib.xtx[name], cfg.num_codebooks, cfg.nbits, cfg.group_size,
-                    key=jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF), beam_size=beam_size,
+                    key=_named_key(key, name), beam_size=beam_size,
                     progress=show if progress else None, **aq_options)
                 rec = {"name": name, "config": cfg.describe() + (" kernel" if weight.kernel_grouping else ""),
                        "bits_per_weight": cfg.stored_bits(_shape(kernels[name])) / int(np.prod(_shape(kernels[name]))),
