@@ -16,7 +16,10 @@ with the float samples as :mod:`benchmarks.sample_drift` does (pixel and feature
 * ``min/max ranges``: the calibration's full ranges, no clipping;
 * ``smoothed a=A``: the model smoothed first (:mod:`jaxquant.quant.smooth`), calibrated
   anew and its activations quantized as in ``A8``; with ``a = 1`` every input channel is
-  scaled to the same maximum, which with float weights is the same as per-channel ranges.
+  scaled to the same maximum, which with float weights is the same as per-channel ranges;
+* ``smoothed a=A, full resolution only``: the same, but only the layers whose input is
+  at full resolution are smoothed (``--full-res-alphas``; ``jaxquant smooth --layers
+  full-resolution``).
 
     python -m benchmarks.act_error_sources --model ddpm-fmnist --num 500
 """
@@ -84,6 +87,10 @@ def main() -> None:
     ap.add_argument("--full-res", default="down_blocks.0.,up_blocks.3.",
                     help="comma-separated name prefixes of the full-resolution blocks")
     ap.add_argument("--alphas", type=float, nargs="*", default=[0.5, 1.0], help="smoothing strengths to try")
+    ap.add_argument("--full-res-alphas", type=float, nargs="*", default=[],
+                    help="smoothing strengths to try on the full-resolution blocks' layers alone")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variants (and the float reference)")
     args = ap.parse_args()
 
     import jaxquant
@@ -129,8 +136,8 @@ def main() -> None:
             fp, calib, fp.params, plan, dataclasses.replace(acfg, method="minmax"))),
     }
 
-    def smoothed(alpha):
-        sm = smooth_model(fp, calib, alpha, progress=False)
+    def smoothed(alpha, layers="all"):
+        sm = smooth_model(fp, calib, alpha, layers=layers, progress=False)
         c = calibrate(sm, CalibConfig(num_samples=calib.config.num_samples, steps=calib.config.steps, groups=1,
                                       batch_size=calib.config.batch_size, xtx=False, seed=calib.config.seed),
                       progress=False)
@@ -138,6 +145,13 @@ def main() -> None:
 
     for a in args.alphas:
         variants[f"smoothed a={a:g}"] = lambda a=a: smoothed(a)
+    for a in args.full_res_alphas:
+        variants[f"smoothed a={a:g}, full resolution only"] = lambda a=a: smoothed(a, "full-resolution")
+    if args.only is not None:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
 
     x0, f0 = run(fp, fp.params)
     result = {"model": args.model, "a_bits": args.a_bits, "num": args.num, "steps": args.steps, "seed": args.seed,
@@ -151,7 +165,8 @@ def main() -> None:
         r = {"pixel": relative_sq_error(x, x0), "features": relative_sq_error(f, f0)}
         result["variants"][name] = r
         print(f"{name:45s} pixel {r['pixel']:.5f}  features {r['features']:.5f}  ({time.time() - t0:.0f} s)", flush=True)
-    print(f"wrote {write_result(f'act_error_sources_{tag}_a{args.a_bits}', result)}")
+    suffix = f"_{args.tag}" if args.tag else ""
+    print(f"wrote {write_result(f'act_error_sources_{tag}_a{args.a_bits}{suffix}', result)}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ Configurations are short names:
                             quantized at every step of its group (--rd-trajectory; rd-curves-g1-traj)
     uniform-w8a8-sm50       the model smoothed first (jaxquant smooth --alpha 0.50, SmoothQuant's
                             s_j = max|x_j|^a / max|W_j|^(1-a), from the float model's calib-g1),
-                            then calibrated anew (calib-gG-sm50) and quantized as named; any method
+                            then calibrated anew (calib-gG-sm50) and quantized as named; any method;
+                            -sm50fr: only the layers whose input is at full resolution
+                            (--layers full-resolution; smoothed-sm50fr, calib-gG-sm50fr)
     rd-w6a6-g10-smauto      ... strengths per layer (jaxquant smooth --alpha auto) scored at the
                             configuration's W, A and groups (uniform weights at W for aq and rd):
                             smoothed-smauto-w6a6-g10, calib-g10-smauto-w6a6-g10; -smautom: scored by
@@ -105,7 +107,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-fa] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-fa] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -150,8 +152,10 @@ def parse_config(name: str) -> dict:
         elif re.fullmatch(r"n[cq]\d+", part):
             cfg["network_calib_samples"] = int(part[2:])
             cfg["network_calib_on_policy"] = part[1] == "q"
-        elif re.fullmatch(r"sm\d\d", part):
-            cfg["smooth"] = int(part[2:]) / 100
+        elif re.fullmatch(r"sm\d\d(fr)?", part):
+            cfg["smooth"] = int(part[2:4]) / 100
+            if part.endswith("fr"):
+                cfg["smooth_layers"] = "full-resolution"
         elif part in ("smauto", "smautom"):
             cfg["smooth"] = "auto"
             cfg["smooth_criterion"] = "layer" if part == "smauto" else "model"
@@ -173,12 +177,14 @@ def smooth_suffix(cfg: dict) -> str:
     if sm == "auto":
         m = "m" if cfg.get("smooth_criterion") == "model" else ""
         return f"-smauto{m}-w{cfg['w_bits']}a{cfg['a_bits']}-g{cfg['groups']}"
-    return f"-sm{round(100 * sm):02d}"
+    return f"-sm{round(100 * sm):02d}" + ("fr" if cfg.get("smooth_layers") == "full-resolution" else "")
 
 
 def smooth_args(model: str, cfg: dict, float_calib: Path, out: Path) -> list[str]:
     """The ``jaxquant smooth`` command line of a configuration of a smoothed model."""
     argv = ["smooth", model, "--calib", str(float_calib), "--alpha", str(cfg["smooth"]), "--out", str(out)]
+    if cfg.get("smooth_layers"):
+        argv += ["--layers", cfg["smooth_layers"]]
     if cfg["smooth"] == "auto":
         if cfg["a_bits"] is None:
             raise SystemExit("-smauto needs quantized activations (the error the strengths trade)")

@@ -529,10 +529,10 @@ def _cmd_smooth(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calib)
     rules = load_rules(args.rules, lambda d: d) if args.rules else None
     if args.alpha != "auto":
-        smoothed = smooth_model(model, calib, args.alpha, rules=rules)
+        smoothed = smooth_model(model, calib, args.alpha, rules=rules, layers=args.layers)
         save_model_dir(args.out, smoothed.meta, smoothed.params)
-        print(f"wrote {args.out}: a float model with smoothed layer inputs (alpha {args.alpha}); calibrate it anew "
-              f"before quantizing")
+        print(f"wrote {args.out}: a float model with smoothed layer inputs (alpha {args.alpha}, {args.layers} layers: "
+              f"{len(smoothed_layers(model, rules, args.layers))}); calibrate it anew before quantizing")
         return 0
 
     from jaxquant.quant.quantize import ActQuantConfig
@@ -545,9 +545,10 @@ def _cmd_smooth(args: argparse.Namespace) -> int:
                             groups=args.groups or calib.config.groups,
                             alphas=tuple(args.alphas) if args.alphas else DEFAULT_ALPHAS,
                             num_inputs=args.num_inputs, seed=args.seed, criterion=args.criterion)
-    amax = channel_absmax(model, calib, smoothed_layers(model, rules))
-    choices = search_alphas(model, calib, cfg, rules=rules, act_absmax=amax)
-    smoothed = smooth_model(model, calib, {n: c.alpha for n, c in choices.items()}, rules=rules, act_absmax=amax)
+    amax = channel_absmax(model, calib, smoothed_layers(model, rules, args.layers))
+    choices = search_alphas(model, calib, cfg, rules=rules, act_absmax=amax, layers=args.layers)
+    smoothed = smooth_model(model, calib, {n: c.alpha for n, c in choices.items()}, rules=rules, act_absmax=amax,
+                            layers=args.layers)
     save_model_dir(args.out, smoothed.meta, smoothed.params)
     key = lambda a: "none" if a is None else f"{a:g}"  # noqa: E731
     report = {"target": {"w_bits": args.w_bits, "a_bits": args.a_bits, "groups": cfg.groups,
@@ -811,6 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="auto: which inputs and values are used")
     sm.add_argument("--rules", default=None, help="YAML rules: the layers they quantize are smoothed "
                                                   "(default: all but the first and last layer)")
+    sm.add_argument("--layers", choices=["all", "full-resolution"], default="all",
+                    help="smooth all the rules' layers, or only those whose input is at the network's full resolution")
     sm.add_argument("--out", required=True, help="output model directory")
     sm.set_defaults(fn=_cmd_smooth)
 

@@ -16,7 +16,7 @@ from jaxquant.quant.accounting import storage_report
 from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
 from jaxquant.quant.rules import default_rules, layer_kernels, resolve
 from jaxquant.quant.smooth import (ChannelSmooth, channel_absmax, is_channel_smooth, smooth_model,
-                                   smooth_params, smoothing_factors)
+                                   smooth_params, smoothed_layers, smoothing_factors)
 from jaxquant.quant.uniform import WeightQuantConfig
 
 from conftest import build_tiny
@@ -117,6 +117,40 @@ def test_smoothed_model_computes_the_same_function_and_flattens_channel_ranges(t
         smooth_params(sm.params, {name: before[name]}, 0.5)
 
 
+def test_layer_positions_and_full_resolution_smoothing(tiny, cli_calib, tmp_path, capsys):
+    """Every dense and conv layer's input positions (the tiny UNet is 8×8 with one 4×4
+    level); ``layers="full-resolution"`` smooths only the quantizable layers at 64
+    positions, and the model still computes the same function."""
+    from jaxquant.models.introspect import full_resolution_layers, layer_positions
+
+    d, model, calib = tiny
+    pos = layer_positions(model)
+    assert set(pos) == set(layer_kernels(model.params))
+    assert pos["conv_in"] == 64 and pos["down_blocks.1.resnets.0.conv1"] == 16
+    assert pos["down_blocks.1.attentions.0.to_q"] == 16 and pos["down_blocks.0.resnets.0.time_emb_proj"] == 1
+    assert pos["up_blocks.0.upsamplers.0.conv"] == 64  # it reads the upsampled (full-resolution) features
+    full = full_resolution_layers(model)
+    assert set(full) == {n for n, p in pos.items() if p == 64}
+    names = smoothed_layers(model, layers="full-resolution")
+    assert set(names) == set(full) - {"conv_in", "conv_out"} and set(names) < set(_layers(model))
+    sm = smooth_model(model, calib, 0.5, layers="full-resolution", progress=False)
+    done = {".".join(str(k.key) for k in p[:-1]) for p, v in
+            jax.tree_util.tree_leaves_with_path(sm.params, is_leaf=is_channel_smooth) if is_channel_smooth(v)}
+    assert done == set(names)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+    t = jnp.array([5, 70])
+    ref = np.asarray(model.apply(model.params, x, t))
+    np.testing.assert_allclose(np.asarray(sm.apply(sm.params, x, t)), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ConfigError, match="full-resolution"):
+        smoothed_layers(model, layers="half")
+    out = tmp_path / "fr"
+    assert cli.main(["smooth", str(d), "--calib", str(cli_calib), "--alpha", "0.5", "--layers", "full-resolution",
+                     "--out", str(out)]) == 0
+    assert f"full-resolution layers: {len(names)}" in capsys.readouterr().out
+    back = jaxquant.load(out)
+    assert sum(is_channel_smooth(v) for v in jax.tree_util.tree_leaves(back.params, is_leaf=is_channel_smooth)) == len(names)
+
+
 def test_quantized_smoothed_model_beats_unsmoothed_on_spread_channels(tiny):
     """Per-tensor 4-bit activations with float weights: smoothing lowers the output error
     of a model whose channels have very different ranges."""
@@ -202,7 +236,7 @@ def test_quality_table_names_for_smoothing_and_minmax():
     activation ranges, and RD curves kept apart from the plain model's."""
     from pathlib import Path
 
-    from benchmarks.quality_table import parse_config, quantize_args, smooth_suffix
+    from benchmarks.quality_table import parse_config, quantize_args, smooth_args, smooth_suffix
 
     cfg = parse_config("uniform-w8a8-sm50")
     assert cfg["smooth"] == 0.5 and smooth_suffix(cfg) == "-sm50" and "act_method" not in cfg
@@ -213,6 +247,11 @@ def test_quality_table_names_for_smoothing_and_minmax():
     assert argv[argv.index("--act-method") + 1] == "minmax"
     assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g10-sm80-mm"))
     assert smooth_suffix(parse_config("uniform-w8a8")) == ""
+    cfg = parse_config("aq-w2a8-ft100-sens-rmin1p5-plm-sm50fr-rec300-net600")
+    assert cfg["smooth"] == 0.5 and cfg["smooth_layers"] == "full-resolution" and smooth_suffix(cfg) == "-sm50fr"
+    argv = smooth_args("m", cfg, Path("c"), Path("w/s"))
+    assert argv[argv.index("--layers") + 1] == "full-resolution" and argv[argv.index("--alpha") + 1] == "0.5"
+    assert "--layers" not in smooth_args("m", parse_config("uniform-w8a8-sm50"), Path("c"), Path("w/s"))
     args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--act-method", "minmax"])
     assert args.act_method == "minmax"
 

@@ -168,18 +168,33 @@ def smooth_params(params: dict, act_absmax: dict[str, np.ndarray], alpha: float 
     return params
 
 
-def smoothed_layers(model, rules=None) -> list[str]:
+#: What ``layers=`` of :func:`smoothed_layers` accepts.
+LAYER_SETS = ("all", "full-resolution")
+
+
+def smoothed_layers(model, rules=None, layers: str = "all") -> list[str]:
     """The layers smoothing applies to: those the rules would quantize (default rules:
-    all but the first and last layer, which stay float and unquantized)."""
+    all but the first and last layer, which stay float and unquantized); with
+    ``layers="full-resolution"`` only those of them whose input is at the network's full
+    resolution (:func:`jaxquant.models.introspect.full_resolution_layers`), where the
+    8-bit activations of ``ddpm-fmnist`` lose most (BENCHMARKS.md)."""
     from jaxquant.quant.rules import default_rules, layer_kernels, resolve
     from jaxquant.quant.uniform import WeightQuantConfig
 
+    if layers not in LAYER_SETS:
+        raise ConfigError(f"smoothing layers must be one of {LAYER_SETS}, got {layers!r}")
     plan = resolve(layer_kernels(model.params), rules if rules is not None else default_rules(WeightQuantConfig(8)))
-    return [n for n, c in plan.items() if c is not None]
+    names = [n for n, c in plan.items() if c is not None]
+    if layers == "full-resolution":
+        from jaxquant.models.introspect import full_resolution_layers
+
+        full = set(full_resolution_layers(model))
+        names = [n for n in names if n in full]
+    return names
 
 
 def smooth_model(model, calib, alpha: float | Mapping[str, float | None] = 0.5, rules=None, progress: bool = True,
-                 act_absmax: dict[str, np.ndarray] | None = None):
+                 act_absmax: dict[str, np.ndarray] | None = None, layers: str = "all"):
     """The smoothed float model (see the module docstring).
 
     Args:
@@ -188,17 +203,18 @@ def smooth_model(model, calib, alpha: float | Mapping[str, float | None] = 0.5, 
       alpha: migration strength in ``[0, 1]`` (SmoothQuant's default 0.5), or one per
         layer (``None``: not smoothed), e.g. the choices of :func:`search_alphas`.
       rules: which layers are smoothed (see :func:`smoothed_layers`).
+      layers: "all" the rules' layers, or only the "full-resolution" ones.
       act_absmax: the layers' per-channel input maxima when already computed
         (:func:`channel_absmax`); else they are.
     """
     import jaxquant
 
-    layers = smoothed_layers(model, rules)
-    amax = act_absmax if act_absmax is not None else channel_absmax(model, calib, layers, progress=progress)
-    missing = [n for n in layers if n not in amax]
+    names = smoothed_layers(model, rules, layers)
+    amax = act_absmax if act_absmax is not None else channel_absmax(model, calib, names, progress=progress)
+    missing = [n for n in names if n not in amax]
     if missing:
         raise ConfigError(f"no channel ranges for layers {missing[:5]}")
-    return jaxquant.Model(model.meta, smooth_params(model.params, {n: amax[n] for n in layers}, alpha))
+    return jaxquant.Model(model.meta, smooth_params(model.params, {n: amax[n] for n in names}, alpha))
 
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -426,7 +442,7 @@ class _ModelScore:
 
 
 def search_alphas(model, calib, cfg: AlphaSearchConfig, rules=None, act_absmax: dict[str, np.ndarray] | None = None,
-                  progress: bool = True) -> dict[str, LayerAlpha]:
+                  progress: bool = True, layers: str = "all") -> dict[str, LayerAlpha]:
     """Per layer, the smoothing strength (or none) with the smallest error under the
     target quantizers: of the layer's own output (``cfg.criterion == "layer"``,
     :func:`score_alphas`) or of the model's output with that layer alone smoothed and
@@ -436,12 +452,13 @@ def search_alphas(model, calib, cfg: AlphaSearchConfig, rules=None, act_absmax: 
     ``act_absmax`` are the factors' channel maxima over the whole calibration, as
     :func:`smooth_model` uses them (computed when not given). Returns ``{layer:
     LayerAlpha}``; ``smooth_model(model, calib, {n: c.alpha for n, c in ...})`` applies it.
+    ``layers`` restricts the search as it restricts :func:`smoothed_layers`.
     """
     from jaxquant.calib.calibration import _model_fns
     from jaxquant.models.introspect import conv_layers
     from jaxquant.quant.activation import timestep_group
 
-    layers = smoothed_layers(model, rules)
+    layers = smoothed_layers(model, rules, layers)
     if not layers:
         return {}
     if act_absmax is None:
