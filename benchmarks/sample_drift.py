@@ -9,6 +9,9 @@ model's sample from the same noise:
 * pixel: ``Σ‖x̂ − x‖² / Σ‖x‖²`` of the images in ``[-1, 1]``;
 * features: the same ratio for the fmnist classifier's pool features (FID's features);
 * class agreement: the share of samples the classifier puts in the float sample's class;
+* paired FID: the Fréchet distance between the quantized and the float samples' pool
+  features (what ``jaxquant eval SAMPLES --ref FP_SAMPLES`` gives for whole sample sets;
+  it grows as ``--num`` falls, so compare rows of one run or of equal ``--num``);
 * and, per model alone, the entropy of its predicted-class histogram (nats, at most
   ``ln 10 = 2.30``) and the mean top-class probability: a loss of diversity shows as a
   lower entropy and a higher confidence.
@@ -94,6 +97,7 @@ def main() -> None:
     from benchmarks.quality_table import sample_labels
     from jaxquant.diffusion.pipeline import generate
     from jaxquant.eval.features import extract_features, get_feature_net
+    from jaxquant.eval.metrics import frechet_distance_from_features
 
     net = get_feature_net("fmnist")
 
@@ -115,7 +119,7 @@ def main() -> None:
     pool_fp = np.asarray(f_fp["pool"], np.float64)
     result = {"model": args.model, "num": args.num, "steps": args.steps, "seed": args.seed,
               "cfg_scale": args.cfg_scale, "float_acts": args.float_acts, "float_acts_at": args.float_acts_at, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
-    rows = [("FP", 0.0, 0.0, 1.0, fp["entropy"], fp["confidence"])]
+    rows = [("FP", 0.0, 0.0, 0.0, 1.0, fp["entropy"], fp["confidence"])]
     variants = [(p, None) for p in args.quantized] if not args.float_acts_at else [
         (p, pat) for p in args.quantized for pat in args.float_acts_at]
     for path, pattern in variants:
@@ -125,14 +129,18 @@ def main() -> None:
         s = _stats(f)
         pool = np.asarray(f["pool"], np.float64)
         r = {"pixel": relative_sq_error(x, x_fp), "features": relative_sq_error(pool, pool_fp),
+             "paired_fid": frechet_distance_from_features(pool, pool_fp),
              "class_agreement": float(np.mean(s["class"] == fp["class"])),
              "entropy": s["entropy"], "confidence": s["confidence"], "histogram": s["histogram"]}
         result["quantized"][path] = r
-        rows.append((path, r["pixel"], r["features"], r["class_agreement"], r["entropy"], r["confidence"]))
+        rows.append((path, r["pixel"], r["features"], r["paired_fid"], r["class_agreement"], r["entropy"],
+                     r["confidence"]))
+        print(f"  pixel {r['pixel']:.4f}  features {r['features']:.4f}  paired FID {r['paired_fid']:.4f}", flush=True)
     print(f"\n{args.num} samples from the same noise, each compared with the float model's")
-    print(f"{'model':50s} {'pixel':>8s} {'features':>9s} {'same class':>10s} {'entropy':>8s} {'confidence':>10s}")
-    for name, px, ft, agree, ent, conf in rows:
-        print(f"{name:50s} {px:8.4f} {ft:9.4f} {agree:10.3f} {ent:8.3f} {conf:10.3f}")
+    print(f"{'model':50s} {'pixel':>8s} {'features':>9s} {'paired FID':>10s} {'same class':>10s} {'entropy':>8s} "
+          f"{'confidence':>10s}")
+    for name, px, ft, pf, agree, ent, conf in rows:
+        print(f"{name:50s} {px:8.4f} {ft:9.4f} {pf:10.4f} {agree:10.3f} {ent:8.3f} {conf:10.3f}")
     if args.json:
         name = "sample_drift_" + args.model.rstrip("/").split("/")[-1] + ("_float_acts" if args.float_acts else "")
         name += f"_{args.tag}" if args.tag else ""
