@@ -19,6 +19,16 @@ class ConvInfo:
     input_split: int
 
 
+def _trace(model, interceptor) -> None:
+    """One abstract (shape-only) forward pass of ``model`` on a batch of one, with a Flax
+    method interceptor that sees every module call."""
+    x = jax.ShapeDtypeStruct((1, *model.sample_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.is_class_conditional else None
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda p, x, t, y: model.module.apply({"params": p}, x, t, y), model.params, x, t, y)
+
+
 def conv_layers(model) -> dict[str, ConvInfo]:
     """``{layer name: ConvInfo}`` for every :class:`Conv` a model's forward pass calls.
 
@@ -37,11 +47,7 @@ def conv_layers(model) -> dict[str, ConvInfo]:
                 mod.kernel_size, (mod.strides, mod.strides), tuple(tuple(p) for p in pad), mod.input_split)
         return next_fn(*args, **kwargs)
 
-    x = jax.ShapeDtypeStruct((1, *model.sample_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.is_class_conditional else None
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda p, x, t, y: model.module.apply({"params": p}, x, t, y), model.params, x, t, y)
+    _trace(model, interceptor)
     return found
 
 
@@ -69,11 +75,7 @@ def layer_positions(model) -> dict[str, int]:
             found[name] = max(found.get(name, 0), n)
         return next_fn(*args, **kwargs)
 
-    x = jax.ShapeDtypeStruct((1, *model.sample_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.is_class_conditional else None
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda p, x, t, y: model.module.apply({"params": p}, x, t, y), model.params, x, t, y)
+    _trace(model, interceptor)
     return found
 
 
