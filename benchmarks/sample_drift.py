@@ -18,7 +18,10 @@ model's sample from the same noise:
 
 With ``--float-acts`` every quantized model runs with its activation quantizers removed
 (weights as stored, activations float), which separates what a weight plan does from
-what it does together with the activation quantizers.
+what it does together with the activation quantizers. ``--float-acts-at REGEX ...`` drops
+only the matching ones, one row per pattern; ``--float-weights-at REGEX ...`` instead puts
+the float kernels of ``--float-source`` back into the matching layers (one row per pattern),
+which says where the weights' share sits.
 
 An error made at every step in the same direction accumulates over a trajectory, which a
 single-step measure (with or without a lookahead of float steps) cannot see; if a model
@@ -69,6 +72,32 @@ def _without_act_quant(tree, pattern: str | None = None, prefix: str = ""):
     return tree
 
 
+def with_float_weights(tree, source, pattern: str, prefix: str = "") -> tuple[dict, int]:
+    """The parameter tree with the quantized weights of the layers whose dotted path
+    (``up_blocks.3.resnets.0.conv1``) matches ``pattern`` (``re.search``) replaced by the
+    float kernels at the same paths of ``source``, the float model the quantized one was
+    made from (for a smoothed model, the smoothed float model, whose kernels carry the
+    smoothing factors the quantized layers divide their inputs by); and how many were.
+    Everything else, the activation quantizers and the tuned float parameters included,
+    stays as stored: what the layers' weight quantization costs, with the rest in place."""
+    from jaxquant.quant.dispatch import is_quantized_weight
+
+    if not isinstance(tree, dict):
+        return tree, 0
+    out, n = {}, 0
+    for k, v in tree.items():
+        path = f"{prefix}.{k}" if prefix else k
+        if is_quantized_weight(v) and re.search(pattern, prefix):
+            src = source.get(k) if isinstance(source, dict) else None
+            if src is None or is_quantized_weight(src) or np.shape(src) != tuple(v.shape):
+                raise SystemExit(f"--float-source has no float kernel of {v.shape} at {path}")
+            out[k], n = src, n + 1
+        else:
+            out[k], m = with_float_weights(v, source.get(k) if isinstance(source, dict) else None, pattern, path)
+            n += m
+    return out, n
+
+
 def count_act_quant(tree) -> int:
     from jaxquant.quant.activation import is_act_quant
 
@@ -88,6 +117,13 @@ def main() -> None:
     ap.add_argument("--float-acts-at", nargs="+", default=None, metavar="REGEX",
                     help="one row per pattern and model: drop only the activation quantizers whose path matches "
                     "(e.g. 'attentions' or '^up_blocks\\.3\\.'); where the activations' drift comes from")
+    ap.add_argument("--float-weights-at", nargs="+", default=None, metavar="REGEX",
+                    help="one row per pattern and model: the quantized weights of the layers whose path matches "
+                    "replaced by --float-source's kernels (activation quantizers kept); where the weights' drift "
+                    "comes from")
+    ap.add_argument("--float-source", default=None,
+                    help="the float model the quantized ones were made from, for --float-weights-at "
+                    "(default --model; a smoothed model's smoothed source)")
     ap.add_argument("--json", action="store_true",
                     help="write benchmarks/results/sample_drift_MODEL[_float_acts][_TAG].json")
     ap.add_argument("--tag", default=None, help="suffix of the JSON result's name (keeps earlier results)")
@@ -101,8 +137,17 @@ def main() -> None:
 
     net = get_feature_net("fmnist")
 
-    def run(path: str, float_acts: bool = False, pattern: str | None = None) -> tuple[np.ndarray, dict]:
+    if args.float_acts_at and args.float_weights_at:
+        ap.error("--float-acts-at and --float-weights-at are separate runs")
+    source = jaxquant.load(args.float_source or args.model).params if args.float_weights_at else None
+
+    def run(path: str, float_acts: bool = False, pattern: str | None = None,
+            weights_pattern: str | None = None) -> tuple[np.ndarray, dict]:
         model = jaxquant.load(path)
+        if weights_pattern is not None:
+            params, n = with_float_weights(model.params, source, weights_pattern)
+            print(f"  {path}: {n} quantized weights float (matching {weights_pattern!r})", flush=True)
+            model = jaxquant.Model(model.meta, params, model.path)
         if float_acts or pattern is not None:
             params = _without_act_quant(model.params, pattern)
             print(f"  {path}: {count_act_quant(model.params) - count_act_quant(params)} activation quantizers "
@@ -120,12 +165,19 @@ def main() -> None:
     result = {"model": args.model, "num": args.num, "steps": args.steps, "seed": args.seed,
               "cfg_scale": args.cfg_scale, "float_acts": args.float_acts, "float_acts_at": args.float_acts_at, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
     rows = [("FP", 0.0, 0.0, 0.0, 1.0, fp["entropy"], fp["confidence"])]
-    variants = [(p, None) for p in args.quantized] if not args.float_acts_at else [
-        (p, pat) for p in args.quantized for pat in args.float_acts_at]
-    for path, pattern in variants:
-        x, f = run(path, args.float_acts, pattern)
+    if args.float_weights_at:
+        result["float_weights_at"], result["float_source"] = args.float_weights_at, args.float_source or args.model
+        variants = [(p, None, pat) for p in args.quantized for pat in args.float_weights_at]
+    elif args.float_acts_at:
+        variants = [(p, pat, None) for p in args.quantized for pat in args.float_acts_at]
+    else:
+        variants = [(p, None, None) for p in args.quantized]
+    for path, pattern, weights_pattern in variants:
+        x, f = run(path, args.float_acts, pattern, weights_pattern)
         if pattern is not None:
             path = f"{path} [float acts at {pattern}]"
+        if weights_pattern is not None:
+            path = f"{path} [float weights at {weights_pattern}]"
         s = _stats(f)
         pool = np.asarray(f["pool"], np.float64)
         r = {"pixel": relative_sq_error(x, x_fp), "features": relative_sq_error(pool, pool_fp),

@@ -370,3 +370,44 @@ def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized)
         assert 0 < want < len(paths)
         assert count_act_quant(_without_act_quant(q.params, pattern)) == want
     assert count_act_quant(_without_act_quant(q.params)) == 0
+
+
+def test_sample_drift_puts_back_the_float_kernels_a_pattern_names(quantized, calib):
+    """``--float-weights-at``: exactly the matching layers' quantized kernels become the
+    source's float kernels, and nothing else changes; with every kernel put back and the
+    activation quantizers dropped, the model computes the float model's output."""
+    import re
+
+    from flax.traverse_util import flatten_dict
+
+    from benchmarks.sample_drift import _without_act_quant, count_act_quant, with_float_weights
+    from jaxquant.quant.dispatch import is_quantized_weight
+
+    m, q = quantized
+
+    def flat(tree):
+        return flatten_dict(tree, sep=".", is_leaf=lambda _, x: is_quantized_weight(x))
+
+    flat_q, flat_m = flat(q.params), flat(m.params)
+    qlayers = [p[: -len(".kernel")] for p, v in flat_q.items() if is_quantized_weight(v)]
+    assert qlayers
+    for pattern in (r"^up_blocks\.1\.", r"attentions"):
+        want = {n for n in qlayers if re.search(pattern, n)}
+        assert 0 < len(want) < len(qlayers)
+        params, n = with_float_weights(q.params, m.params, pattern)
+        assert n == len(want)
+        got = flat(params)
+        assert got.keys() == flat_q.keys()
+        for path, v in got.items():
+            if path.endswith(".kernel") and path[: -len(".kernel")] in want:
+                np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_m[path]))
+            else:
+                assert v is flat_q[path]
+        assert count_act_quant(params) == count_act_quant(q.params)
+    params, n = with_float_weights(q.params, m.params, ".")
+    assert n == len(qlayers)
+    params = _without_act_quant(params)
+    x, t, _ = _calibration_pairs(q, calib)
+    out = m.module.apply({"params": params}, x[:4], t[:4], None)
+    ref = m.module.apply({"params": m.params}, x[:4], t[:4], None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

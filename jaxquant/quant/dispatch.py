@@ -45,6 +45,11 @@ def register_weight_type(
         _CONV_KERNELS[cls] = conv_kernel
 
 
+def is_quantized_weight(weight: Any) -> bool:
+    """Whether ``weight`` is a registered stored-weight container (not a float array)."""
+    return type(weight) in _DEQUANTIZERS
+
+
 def materialize(weight: Any, dtype: Any = jnp.float32) -> jax.Array:
     """Return ``weight`` as a dense array of ``dtype`` (dequantizing if needed)."""
     fn = _DEQUANTIZERS.get(type(weight))

@@ -246,7 +246,7 @@ def to_storable(params: Any) -> tuple[dict, dict]:
         if not _is_array(node):
             from jaxquant.quant import dispatch
 
-            what = "a quantized weight type" if type(node) in dispatch._DEQUANTIZERS else "not an array"
+            what = "a quantized weight type" if dispatch.is_quantized_weight(node) else "not an array"
             raise CheckpointError(
                 f"parameter {name or '<root>'} is a {type(node).__qualname__} ({what}) that is not registered for "
                 f"saving; register it with jaxquant.quant.serialize.register_container({type(node).__name__}, "
