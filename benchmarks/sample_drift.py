@@ -38,7 +38,7 @@ import re
 import time
 
 import jax
-
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import relative_sq_error, write_result
@@ -77,7 +77,8 @@ def with_float_weights(tree, source, pattern: str, prefix: str = "") -> tuple[di
     (``up_blocks.3.resnets.0.conv1``) matches ``pattern`` (``re.search``) replaced by the
     float kernels at the same paths of ``source``, the float model the quantized one was
     made from (for a smoothed model, the smoothed float model, whose kernels carry the
-    smoothing factors the quantized layers divide their inputs by); and how many were.
+    smoothing factors; rescaled to the factors the quantized layer holds now, which tuning
+    moves); and how many were.
     Everything else, the activation quantizers and the tuned float parameters included,
     stays as stored: what the layers' weight quantization costs, with the rest in place."""
     from jaxquant.quant.dispatch import is_quantized_weight
@@ -91,11 +92,26 @@ def with_float_weights(tree, source, pattern: str, prefix: str = "") -> tuple[di
             src = source.get(k) if isinstance(source, dict) else None
             if src is None or is_quantized_weight(src) or np.shape(src) != tuple(v.shape):
                 raise SystemExit(f"--float-source has no float kernel of {v.shape} at {path}")
-            out[k], n = src, n + 1
+            out[k], n = _resmoothed(src, source.get("input_smooth"), tree.get("input_smooth"), path), n + 1
         else:
             out[k], m = with_float_weights(v, source.get(k) if isinstance(source, dict) else None, pattern, path)
             n += m
     return out, n
+
+
+def _resmoothed(kernel, source_smooth, smooth, path: str):
+    """The source's float kernel for a layer whose channel smoothing was tuned after it was
+    quantized: the layer divides its input by ``1/smooth.inv_scale`` where the source divided
+    by ``1/source_smooth.inv_scale``, so the kernel's input rows are scaled by their ratio to
+    keep ``x @ W`` (without this, a factor tuned 3 % away scales the layer's output by 3 %)."""
+    if smooth is None and source_smooth is None:
+        return kernel
+    if smooth is None or source_smooth is None:
+        raise SystemExit(f"{path}: one of the quantized layer and --float-source is smoothed, the other not; "
+                         "pass the smoothed float model the quantized one was made from")
+    ratio = np.asarray(source_smooth.inv_scale, np.float64) / np.asarray(smooth.inv_scale, np.float64)
+    shape = (1,) * (np.ndim(kernel) - 2) + (-1, 1)
+    return jnp.asarray(np.asarray(kernel, np.float64) * ratio.reshape(shape), np.asarray(kernel).dtype)
 
 
 def count_act_quant(tree) -> int:

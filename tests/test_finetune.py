@@ -411,3 +411,37 @@ def test_sample_drift_puts_back_the_float_kernels_a_pattern_names(quantized, cal
     out = m.module.apply({"params": params}, x[:4], t[:4], None)
     ref = m.module.apply({"params": m.params}, x[:4], t[:4], None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_drift_float_kernels_follow_tuned_smoothing_factors(quantized, calib):
+    """A smoothed layer whose factors moved after quantization (tuning trains them) gets the
+    source's kernel rescaled to its own factors: with every kernel put back and the
+    activation quantizers dropped, the model still computes the float model's output; a
+    layer smoothed on one side only is refused."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from benchmarks.sample_drift import _without_act_quant, with_float_weights
+    from jaxquant.quant.dispatch import is_quantized_weight
+    from jaxquant.quant.smooth import ChannelSmooth, smooth_params
+
+    m, q = quantized
+    flat_q = flatten_dict(q.params)  # tuple keys: layer names may hold dots
+    layers = sorted(p[:-1] for p, v in flat_q.items() if is_quantized_weight(v))[:3]
+    rng = np.random.default_rng(0)
+    amax = {".".join(n): rng.uniform(0.1, 5.0, flat_q[n + ("kernel",)].shape[-2]) for n in layers}
+    source = smooth_params(m.params, amax, 0.5)
+    flat_s = flatten_dict(source)
+    tuned = dict(flat_q)
+    for n in layers:  # factors "tuned" up to 5 % away from the source's
+        inv = np.asarray(flat_s[n + ("input_smooth",)].inv_scale) * rng.uniform(0.95, 1.05, flat_q[n + ("kernel",)].shape[-2])
+        tuned[n + ("input_smooth",)] = ChannelSmooth(np.asarray(inv, np.float32))
+    tuned = unflatten_dict(tuned)
+    params, n = with_float_weights(tuned, source, ".")
+    assert n == sum(is_quantized_weight(v) for v in flat_q.values())
+    params = _without_act_quant(params)
+    x, t, _ = _calibration_pairs(q, calib)
+    out = m.module.apply({"params": params}, x[:4], t[:4], None)
+    ref = m.module.apply({"params": m.params}, x[:4], t[:4], None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit, match="smoothed"):
+        with_float_weights(tuned, m.params, ".")
