@@ -12,6 +12,9 @@ model's sample from the same noise:
 * paired FID: the Fréchet distance between the quantized and the float samples' pool
   features (what ``jaxquant eval SAMPLES --ref FP_SAMPLES`` gives for whole sample sets;
   it grows as ``--num`` falls, so compare rows of one run or of equal ``--num``);
+* dark pixels: per model alone, the share of pixels below 2 % of full scale (Fashion-MNIST's
+  backgrounds are black: the float model leaves a quarter of its pixels there, the test
+  set two thirds; a model that lifts them makes hazier images);
 * and, per model alone, the entropy of its predicted-class histogram (nats, at most
   ``ln 10 = 2.30``) and the mean top-class probability: a loss of diversity shows as a
   lower entropy and a higher confidence.
@@ -21,7 +24,11 @@ With ``--float-acts`` every quantized model runs with its activation quantizers 
 what it does together with the activation quantizers. ``--float-acts-at REGEX ...`` drops
 only the matching ones, one row per pattern; ``--float-weights-at REGEX ...`` instead puts
 the float kernels of ``--float-source`` back into the matching layers (one row per pattern),
-which says where the weights' share sits.
+which says where the weights' share sits (in a model whose other parameters were tuned
+around its quantized weights, the network stage's, it also takes away that compensation).
+``--float-acts-during LO-HI ...`` drops every activation quantizer at the sampling steps
+with ``LO <= t < HI`` only (one row per range; the quantizers become one group per step
+of the sampler), which says when the activations' drift is made.
 
 An error made at every step in the same direction accumulates over a trajectory, which a
 single-step measure (with or without a lookahead of float steps) cannot see; if a model
@@ -53,6 +60,11 @@ def _stats(feats: dict) -> dict:
     nz = hist[hist > 0]
     return {"class": cls, "entropy": float(-(nz * np.log(nz)).sum()), "confidence": float(p.max(-1).mean()),
             "histogram": hist.tolist()}
+
+
+def dark_share(x: np.ndarray) -> float:
+    """The share of pixels of images in ``[-1, 1]`` below 2 % of full scale."""
+    return float(np.mean(np.asarray(x) < -0.96))
 
 
 def _without_act_quant(tree, pattern: str | None = None, prefix: str = ""):
@@ -99,6 +111,47 @@ def with_float_weights(tree, source, pattern: str, prefix: str = "") -> tuple[di
     return out, n
 
 
+def parse_t_range(text: str) -> tuple[int, int]:
+    """``"500-1000"`` → ``(500, 1000)``: the timesteps ``500 <= t < 1000``."""
+    m = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not m or int(m[1]) >= int(m[2]):
+        raise SystemExit(f"bad timestep range {text!r}: expected LO-HI with LO < HI, e.g. 500-1000")
+    return int(m[1]), int(m[2])
+
+
+def float_acts_during(tree, lo: int, hi: int, steps: int, num_train: int):
+    """The parameter tree with every (one-group) activation quantizer rebuilt with one group
+    per step of a ``steps``-step sampler (``num_train / steps`` timesteps each): the stored
+    quantizer in the groups outside ``lo <= t < hi``, and inside it a 24-bit step over 8
+    times the stored range, which neither clips nor rounds measurably (float activations)."""
+    from jaxquant.quant.activation import ActQuant, is_act_quant
+
+    if num_train % steps:
+        raise SystemExit(f"{num_train} training timesteps do not split into {steps} equal groups")
+    width = num_train // steps
+
+    def conv(a):
+        if not is_act_quant(a):
+            return a
+        if a.num_groups != 1:
+            raise SystemExit("--float-acts-during expects one-group activation quantizers")
+        s, z = np.asarray(a.scale[0], np.float64), np.asarray(a.zero[0], np.float64)
+        bits0 = a.group_bits[0]
+        reach = 8 * np.maximum(z * s, (2 ** bits0 - 1 - z) * s)  # 8x the stored range's larger side
+        fine_scale = 2 * reach / (2 ** 24 - 1)
+        fine_zero = np.round(reach / fine_scale)
+        bits, sc, ze = [], [], []
+        for g in range(steps):
+            inside = lo <= g * width and (g + 1) * width <= hi
+            bits.append(24 if inside else bits0)
+            sc.append(fine_scale if inside else s)
+            ze.append(fine_zero if inside else z)
+        return ActQuant(jnp.asarray(np.stack(sc), jnp.float32), jnp.asarray(np.stack(ze), jnp.float32),
+                        tuple(bits), a.split)
+
+    return jax.tree_util.tree_map(conv, tree, is_leaf=is_act_quant)
+
+
 def _resmoothed(kernel, source_smooth, smooth, path: str):
     """The source's float kernel for a layer whose channel smoothing was tuned after it was
     quantized: the layer divides its input by ``1/smooth.inv_scale`` where the source divided
@@ -133,6 +186,9 @@ def main() -> None:
     ap.add_argument("--float-acts-at", nargs="+", default=None, metavar="REGEX",
                     help="one row per pattern and model: drop only the activation quantizers whose path matches "
                     "(e.g. 'attentions' or '^up_blocks\\.3\\.'); where the activations' drift comes from")
+    ap.add_argument("--float-acts-during", nargs="+", default=None, metavar="LO-HI",
+                    help="one row per range and model: every activation quantizer dropped at the steps with "
+                    "LO <= t < HI only (e.g. 500-1000); when the activations' drift is made")
     ap.add_argument("--float-weights-at", nargs="+", default=None, metavar="REGEX",
                     help="one row per pattern and model: the quantized weights of the layers whose path matches "
                     "replaced by --float-source's kernels (activation quantizers kept); where the weights' drift "
@@ -153,13 +209,18 @@ def main() -> None:
 
     net = get_feature_net("fmnist")
 
-    if args.float_acts_at and args.float_weights_at:
-        ap.error("--float-acts-at and --float-weights-at are separate runs")
+    if sum(x is not None for x in (args.float_acts_at, args.float_weights_at, args.float_acts_during)) > 1:
+        ap.error("--float-acts-at, --float-weights-at and --float-acts-during are separate runs")
+    t_ranges = [parse_t_range(r) for r in args.float_acts_during or []]
     source = jaxquant.load(args.float_source or args.model).params if args.float_weights_at else None
 
     def run(path: str, float_acts: bool = False, pattern: str | None = None,
-            weights_pattern: str | None = None) -> tuple[np.ndarray, dict]:
+            weights_pattern: str | None = None, t_range: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
         model = jaxquant.load(path)
+        if t_range is not None:
+            params = float_acts_during(model.params, *t_range, args.steps, model.schedule.num_train_timesteps)
+            print(f"  {path}: activation quantizers dropped at {t_range[0]} <= t < {t_range[1]}", flush=True)
+            model = jaxquant.Model(model.meta, params, model.path)
         if weights_pattern is not None:
             params, n = with_float_weights(model.params, source, weights_pattern)
             print(f"  {path}: {n} quantized weights float (matching {weights_pattern!r})", flush=True)
@@ -176,39 +237,44 @@ def main() -> None:
         return imgs.astype(np.float64) / 127.5 - 1.0, extract_features(net, imgs, batch_size=250)
 
     x_fp, f_fp = run(args.model)
-    fp = _stats(f_fp)
+    fp = {**_stats(f_fp), "dark_pixels": dark_share(x_fp)}
     pool_fp = np.asarray(f_fp["pool"], np.float64)
     result = {"model": args.model, "num": args.num, "steps": args.steps, "seed": args.seed,
               "cfg_scale": args.cfg_scale, "float_acts": args.float_acts, "float_acts_at": args.float_acts_at, "fp": {k: v for k, v in fp.items() if k != "class"}, "quantized": {}}
-    rows = [("FP", 0.0, 0.0, 0.0, 1.0, fp["entropy"], fp["confidence"])]
+    rows = [("FP", 0.0, 0.0, 0.0, 1.0, fp["dark_pixels"], fp["entropy"], fp["confidence"])]
     if args.float_weights_at:
         result["float_weights_at"], result["float_source"] = args.float_weights_at, args.float_source or args.model
-        variants = [(p, None, pat) for p in args.quantized for pat in args.float_weights_at]
+        variants = [(p, None, pat, None) for p in args.quantized for pat in args.float_weights_at]
     elif args.float_acts_at:
-        variants = [(p, pat, None) for p in args.quantized for pat in args.float_acts_at]
+        variants = [(p, pat, None, None) for p in args.quantized for pat in args.float_acts_at]
+    elif t_ranges:
+        result["float_acts_during"] = args.float_acts_during
+        variants = [(p, None, None, r) for p in args.quantized for r in t_ranges]
     else:
-        variants = [(p, None, None) for p in args.quantized]
-    for path, pattern, weights_pattern in variants:
-        x, f = run(path, args.float_acts, pattern, weights_pattern)
+        variants = [(p, None, None, None) for p in args.quantized]
+    for path, pattern, weights_pattern, t_range in variants:
+        x, f = run(path, args.float_acts, pattern, weights_pattern, t_range)
         if pattern is not None:
             path = f"{path} [float acts at {pattern}]"
         if weights_pattern is not None:
             path = f"{path} [float weights at {weights_pattern}]"
+        if t_range is not None:
+            path = f"{path} [float acts at {t_range[0]} <= t < {t_range[1]}]"
         s = _stats(f)
         pool = np.asarray(f["pool"], np.float64)
         r = {"pixel": relative_sq_error(x, x_fp), "features": relative_sq_error(pool, pool_fp),
              "paired_fid": frechet_distance_from_features(pool, pool_fp),
-             "class_agreement": float(np.mean(s["class"] == fp["class"])),
+             "class_agreement": float(np.mean(s["class"] == fp["class"])), "dark_pixels": dark_share(x),
              "entropy": s["entropy"], "confidence": s["confidence"], "histogram": s["histogram"]}
         result["quantized"][path] = r
-        rows.append((path, r["pixel"], r["features"], r["paired_fid"], r["class_agreement"], r["entropy"],
-                     r["confidence"]))
+        rows.append((path, r["pixel"], r["features"], r["paired_fid"], r["class_agreement"], r["dark_pixels"],
+                     r["entropy"], r["confidence"]))
         print(f"  pixel {r['pixel']:.4f}  features {r['features']:.4f}  paired FID {r['paired_fid']:.4f}", flush=True)
     print(f"\n{args.num} samples from the same noise, each compared with the float model's")
-    print(f"{'model':50s} {'pixel':>8s} {'features':>9s} {'paired FID':>10s} {'same class':>10s} {'entropy':>8s} "
-          f"{'confidence':>10s}")
-    for name, px, ft, pf, agree, ent, conf in rows:
-        print(f"{name:50s} {px:8.4f} {ft:9.4f} {pf:10.4f} {agree:10.3f} {ent:8.3f} {conf:10.3f}")
+    print(f"{'model':50s} {'pixel':>8s} {'features':>9s} {'paired FID':>10s} {'same class':>10s} {'dark px':>8s} "
+          f"{'entropy':>8s} {'confidence':>10s}")
+    for name, px, ft, pf, agree, dark, ent, conf in rows:
+        print(f"{name:50s} {px:8.4f} {ft:9.4f} {pf:10.4f} {agree:10.3f} {dark:8.3f} {ent:8.3f} {conf:10.3f}")
     if args.json:
         name = "sample_drift_" + args.model.rstrip("/").split("/")[-1] + ("_float_acts" if args.float_acts else "")
         name += f"_{args.tag}" if args.tag else ""

@@ -445,3 +445,56 @@ def test_sample_drift_float_kernels_follow_tuned_smoothing_factors(quantized, ca
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
     with pytest.raises(SystemExit, match="smoothed"):
         with_float_weights(tuned, m.params, ".")
+
+
+def test_step_error_by_site_the_long_way(quantized, calib):
+    """``benchmarks.step_error_by_site``: each step's error is Σ‖ε̂ − ε‖² / Σ‖ε‖² of the
+    quantized against the float model on that step's calibration inputs (checked by hand at
+    one step); with every kernel float and every activation quantizer dropped it vanishes;
+    and the bands average the right steps."""
+    from benchmarks.sample_drift import _without_act_quant, with_float_weights
+    from benchmarks.step_error_by_site import band_means, band_names, step_errors
+
+    m, q = quantized
+    errs = step_errors(q, q.params, m, calib, num=4)
+    assert errs.shape == (calib.inputs.shape[0],) and np.all(errs > 0)
+    s = 1
+    x = np.asarray(calib.inputs[s, :4], np.float32)
+    t = np.full((4,), int(calib.timesteps[s]), np.int32)
+    e_q = np.asarray(q.apply(q.params, jnp.asarray(x), jnp.asarray(t)), np.float64)
+    e_f = np.asarray(m.apply(m.params, jnp.asarray(x), jnp.asarray(t)), np.float64)
+    np.testing.assert_allclose(errs[s], np.sum((e_q - e_f) ** 2) / np.sum(e_f ** 2), rtol=1e-4)
+    params, _ = with_float_weights(_without_act_quant(q.params), m.params, ".")
+    assert np.all(step_errors(q, params, m, calib, num=4) < 1e-10)
+
+    assert band_names([150, 500]) == ["t >= 500", "150 <= t < 500", "t < 150"]
+    ts = np.array([900, 600, 400, 200, 100, 0])
+    np.testing.assert_allclose(band_means(ts, np.arange(6.0), [500, 150]), [0.5, 2.5, 4.5])
+    assert np.isnan(band_means(ts, np.arange(6.0), [950, 920])[1])
+
+
+def test_sample_drift_float_acts_during_a_timestep_range(quantized, calib):
+    """``--float-acts-during LO-HI``: at timesteps inside the range the model computes what
+    it computes with its activation quantizers dropped (to the 24-bit step; the tiny model's
+    4-bit ranges clip inputs up to 2-4x beyond them, which 8x still covers), outside it
+    what it computes as stored; ranges are parsed and checked."""
+    from benchmarks.sample_drift import _without_act_quant, float_acts_during, parse_t_range
+    from jaxquant.quant.activation import at_timestep_group
+
+    m, q = quantized
+    stored = at_timestep_group(q.params, 0)  # one-group quantizers, as the quality table's
+    params = float_acts_during(stored, 50, 100, steps=4, num_train=100)
+    x = jnp.asarray(np.asarray(calib.inputs[0, :4], np.float32))
+    for t, ref in ((60, _without_act_quant(stored)), (99, _without_act_quant(stored)), (10, stored), (49, stored)):
+        tt = jnp.full((4,), t, jnp.int32)
+        np.testing.assert_allclose(np.asarray(q.apply(params, x, tt)), np.asarray(q.apply(ref, x, tt)),
+                                   rtol=0, atol=2e-5)  # a 24-bit step over 8x the range
+    tt = jnp.full((4,), 10, jnp.int32)
+    assert not np.allclose(np.asarray(q.apply(stored, x, tt)), np.asarray(q.apply(_without_act_quant(stored), x, tt)),
+                           atol=1e-5)
+    assert parse_t_range("500-1000") == (500, 1000)
+    for bad in ("1000-500", "500", "a-b"):
+        with pytest.raises(SystemExit, match="bad timestep range"):
+            parse_t_range(bad)
+    with pytest.raises(SystemExit, match="one-group"):
+        float_acts_during(q.params, 50, 100, steps=4, num_train=100)
