@@ -314,3 +314,26 @@ def test_real_fashion_mnist_subset(monkeypatch, tmp_path):
     assert 0 <= res["fid"] < 1e3 and np.isfinite(res["sfid"])
     assert 0 < res["precision"] <= 1 and 0 < res["recall"] <= 1
     assert load_reference(tmp_path / "cache" / "refs" / f"fashion-mnist-test-{NET}.npz")["feature_net"] == NET
+
+
+def test_sample_tones_against_a_reference(tmp_path):
+    """``benchmarks.sample_tones``: the dark share, the mean change on the reference's dark
+    and bright pixels and the rms change, on images built to give known values; sample sets
+    of another shape or dtype are refused."""
+    from benchmarks.sample_tones import load_uint8, tones
+
+    ref = np.zeros((2, 4, 4, 1), np.uint8)
+    ref[:, :2] = 100                                   # half bright, half black
+    x = ref.copy()
+    x[:, 2:] = 3                                       # black lifted by 3 levels: still dark (≤ 5)
+    x[:, :2] = 96                                      # bright dimmed by 4
+    r = tones(x, ref, dark=5, bright=50)
+    assert r["dark"] == 0.5 and r["lift_on_dark"] == 3.0 and r["change_on_bright"] == -4.0
+    np.testing.assert_allclose(r["rms_change"], np.sqrt((9 + 16) / 2))
+    np.savez(tmp_path / "s.npz", x)
+    np.testing.assert_array_equal(load_uint8(tmp_path / "s.npz"), x)
+    np.savez(tmp_path / "f.npz", x.astype(np.float32))
+    with pytest.raises(SystemExit, match="uint8"):
+        load_uint8(tmp_path / "f.npz")
+    with pytest.raises(SystemExit, match="shape"):
+        tones(x[:1], ref)
