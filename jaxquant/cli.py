@@ -611,7 +611,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                      load_calibration(args.calib), steps=args.steps, lr=lr,
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
                                      eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks,
-                                     unroll=args.unroll)
+                                     unroll=args.unroll, min_snr_gamma=args.min_snr_gamma)
     meta = qmodel.meta
     earlier = list(meta.extra.get("finetune_earlier", []))
     if "finetune" in meta.extra:  # a model tuned before (blocks, then the network): keep that record too
@@ -620,7 +620,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                              "steps": args.steps, "lr": lr,
                                              "lr_relative": not args.absolute_lr, "batch": args.batch,
                                              "seed": args.seed, "blocks": [r["block"] for r in records],
-                                             **({"unroll": args.unroll} if args.unroll != 1 else {})}}
+                                             **({"unroll": args.unroll} if args.unroll != 1 else {}),
+                                             **({"min_snr_gamma": args.min_snr_gamma}
+                                                if args.min_snr_gamma is not None else {})}}
     if earlier:
         meta.extra["finetune_earlier"] = earlier
     save_model_dir(args.out, meta, params)
@@ -900,6 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "sampler from each calibration input (the quantized and the float model each from its own "
                     "state, gradients through all K), charging the model for the state errors it hands on "
                     "(default 1: one model call per pair)")
+    ft.add_argument("--min-snr-gamma", type=float, default=None, metavar="G",
+                    help="weight each calibration pair's error by min(SNR_t, G)/SNR_t (Min-SNR weighting), so the "
+                    "nearly clean last steps, whose eps the sampler scales by ~0.01, stop ruling the loss "
+                    "(default: unweighted)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--out", required=True, help="output model directory")
     ft.set_defaults(fn=_cmd_finetune)

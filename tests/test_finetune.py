@@ -498,3 +498,67 @@ def test_sample_drift_float_acts_during_a_timestep_range(quantized, calib):
             parse_t_range(bad)
     with pytest.raises(SystemExit, match="one-group"):
         float_acts_during(q.params, 50, 100, steps=4, num_train=100)
+
+
+def test_min_snr_weights_and_the_weighted_network_error_the_long_way(quantized, calib):
+    """``min_snr_weights``: ``min(SNR_t, γ)/SNR_t`` from the schedule's ᾱ (1 where SNR ≤ γ);
+    the weighted NETWORK error is Σ_i w_i‖ε_q,i − ε_f,i‖² / Σ_i ‖ε_f,i‖², by hand; unit
+    weights give the unweighted error."""
+    from jaxquant.diffusion.schedules import alphas_cumprod
+    from jaxquant.quant.aq_model import _block_error, _loss_outputs, _pair_groups, _set_paths, min_snr_weights
+
+    m, q = quantized
+    x, t, y = _calibration_pairs(q, calib)
+    a = np.asarray(alphas_cumprod(q.schedule), np.float64)[t]
+    snr = a / (1 - a)
+    w = min_snr_weights(q.schedule, t, 2.0)
+    np.testing.assert_allclose(w, np.minimum(snr, 2.0) / snr, rtol=1e-6)
+    assert np.all(w[snr <= 2.0] == 1.0) and np.all(w[snr > 2.0] < 1.0) and np.any(snr > 2.0) and np.any(snr <= 2.0)
+    with pytest.raises(ConfigError, match="gamma"):
+        min_snr_weights(q.schedule, t, 0.0)
+
+    num = den = 0.0
+    for i in range(0, len(t), 8):
+        xb, tb = jnp.asarray(x[i:i + 8]), jnp.asarray(t[i:i + 8])
+        eq = np.asarray(q.apply(q.params, xb, tb), np.float64)
+        ef = np.asarray(m.apply(m.params, xb, tb), np.float64)
+        num += np.sum(w[i:i + 8] * np.sum((eq - ef) ** 2, axis=(1, 2, 3)))
+        den += np.sum(ef ** 2)
+    units = tuple(block_units(q.params, NETWORK))
+    ref = _set_paths(q.params, {u: m.params[u[0]] for u in units})
+    outs, idx = _loss_outputs(NETWORK, units), np.arange(len(t))
+    groups = _pair_groups(q, q.params, (x, t, y))
+    got = _block_error(q, outs, q.params, ref, (x, t, y), idx, 4, groups, w)
+    np.testing.assert_allclose(got, num / den, rtol=1e-4)
+    ones = _block_error(q, outs, q.params, ref, (x, t, y), idx, 4, groups, np.ones_like(w))
+    np.testing.assert_allclose(ones, _block_error(q, outs, q.params, ref, (x, t, y), idx, 4, groups), rtol=1e-6)
+
+
+def test_network_stage_with_min_snr_weighting(quantized, calib):
+    """``min_snr_gamma``: the weighted network stage lowers its weighted held-out error and
+    records γ; it refuses an unrolled loss and code updates."""
+    m, q = quantized
+    tuned, rec = finetune_block(q, q.params, m.params, NETWORK, calib, steps=16, lr=3e-3, batch_size=4,
+                                lr_relative=True, min_snr_gamma=2.0)
+    assert rec["min_snr_gamma"] == 2.0 and rec["kept"] and rec["error_after"] < rec["error_before"]
+    with pytest.raises(ConfigError, match="one-step"):
+        finetune_block(q, q.params, m.params, NETWORK, calib, steps=1, unroll=2, min_snr_gamma=2.0)
+    with pytest.raises(ConfigError, match="one-step"):
+        finetune_block(q, q.params, m.params, "mid_block", calib, steps=1, code_update_every=1, min_snr_gamma=2.0)
+
+
+def test_quality_table_names_for_the_weighted_network_stage():
+    from pathlib import Path
+
+    from benchmarks.quality_table import network_args, network_name, parse_config, stage_names
+
+    name = "aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256-ms5"
+    cfg = parse_config(name)
+    assert cfg["network_min_snr"] == 5.0 and parse_config(name.replace("ms5", "ms2p5"))["network_min_snr"] == 2.5
+    assert stage_names(name) == ("aq-w4a8-ft100-sens-rmin1", "aq-w4a8-ft100-sens-rmin1-rec300")
+    assert network_name(name) == name
+    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), min_snr_gamma=2.5))
+    assert args.min_snr_gamma == 2.5 and args.blocks == [NETWORK]
+    assert cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"))).min_snr_gamma is None
+    with pytest.raises(SystemExit, match="needs -netN"):
+        parse_config("aq-w4a8-ft100-rec300-ms5")
