@@ -41,10 +41,12 @@ def _name(path) -> str:
     return ".".join(keys[:-1]) if keys[-1] == "input_quant" else ".".join(keys[:-1]) + "." + keys[-1][:-len("_quant")]
 
 
-def per_step_variant(params, steps: int, num_train: int, keep):
+def per_step_variant(params, steps: int, num_train: int, keep, widen: float | None = None):
     """Every activation quantizer rebuilt with one group per step of a ``steps``-step DDIM
     (``T / steps`` timesteps each), its own range, and its own step where
-    ``keep(site, group)``, a ``FINE_BITS`` step elsewhere."""
+    ``keep(site, group)``; elsewhere a ``FINE_BITS`` step over the same range (clipping
+    kept) or, with ``widen``, over ``±widen`` times the range's larger side (``widen = 8``:
+    neither clipping nor rounding left, float activations in effect)."""
     import jax
     import jax.numpy as jnp
 
@@ -57,17 +59,20 @@ def per_step_variant(params, steps: int, num_train: int, keep):
         if not is_act_quant(a):
             return a
         if a.num_groups != 1:
-            raise SystemExit("per_step_variant expects one-group quantizers")
+            raise SystemExit("per-step quantizers are built from one-group activation quantizers")
         s, z = np.asarray(a.scale[0], np.float64), np.asarray(a.zero[0], np.float64)
         bits0 = a.group_bits[0]
         lo, hi = -z * s, (2 ** bits0 - 1 - z) * s
+        if widen is not None:
+            hi = widen * np.maximum(-lo, hi)
+            lo = -hi
+        fine_scale = (hi - lo) / (2 ** FINE_BITS - 1)
         name, bits, sc, ze = _name(path), [], [], []
         for g in range(steps):
-            b = bits0 if keep(name, g) else FINE_BITS
-            scale = (hi - lo) / (2 ** b - 1)
-            bits.append(b)
-            sc.append(scale)
-            ze.append(np.round(-lo / scale))
+            kept = keep(name, g)
+            bits.append(bits0 if kept else FINE_BITS)
+            sc.append(s if kept else fine_scale)
+            ze.append(z if kept else np.round(-lo / fine_scale))
         return ActQuant(jnp.asarray(np.stack(sc), jnp.float32), jnp.asarray(np.stack(ze), jnp.float32),
                         tuple(bits), a.split)
 

@@ -123,33 +123,15 @@ def float_acts_during(tree, lo: int, hi: int, steps: int, num_train: int):
     """The parameter tree with every (one-group) activation quantizer rebuilt with one group
     per step of a ``steps``-step sampler (``num_train / steps`` timesteps each): the stored
     quantizer in the groups outside ``lo <= t < hi``, and inside it a 24-bit step over 8
-    times the stored range, which neither clips nor rounds measurably (float activations)."""
-    from jaxquant.quant.activation import ActQuant, is_act_quant
+    times the stored range, which neither clips nor rounds measurably (float activations;
+    :func:`benchmarks.act_error_sources.per_step_variant`)."""
+    from benchmarks.act_error_sources import per_step_variant
 
     if num_train % steps:
         raise SystemExit(f"{num_train} training timesteps do not split into {steps} equal groups")
     width = num_train // steps
-
-    def conv(a):
-        if not is_act_quant(a):
-            return a
-        if a.num_groups != 1:
-            raise SystemExit("--float-acts-during expects one-group activation quantizers")
-        s, z = np.asarray(a.scale[0], np.float64), np.asarray(a.zero[0], np.float64)
-        bits0 = a.group_bits[0]
-        reach = 8 * np.maximum(z * s, (2 ** bits0 - 1 - z) * s)  # 8x the stored range's larger side
-        fine_scale = 2 * reach / (2 ** 24 - 1)
-        fine_zero = np.round(reach / fine_scale)
-        bits, sc, ze = [], [], []
-        for g in range(steps):
-            inside = lo <= g * width and (g + 1) * width <= hi
-            bits.append(24 if inside else bits0)
-            sc.append(fine_scale if inside else s)
-            ze.append(fine_zero if inside else z)
-        return ActQuant(jnp.asarray(np.stack(sc), jnp.float32), jnp.asarray(np.stack(ze), jnp.float32),
-                        tuple(bits), a.split)
-
-    return jax.tree_util.tree_map(conv, tree, is_leaf=is_act_quant)
+    return per_step_variant(tree, steps, num_train, lambda _, g: not (lo <= g * width and (g + 1) * width <= hi),
+                            widen=8.0)
 
 
 def _resmoothed(kernel, source_smooth, smooth, path: str):
