@@ -45,7 +45,6 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import relative_sq_error, write_result
@@ -127,9 +126,7 @@ def float_acts_during(tree, lo: int, hi: int, steps: int, num_train: int):
     :func:`benchmarks.act_error_sources.per_step_variant`)."""
     from benchmarks.act_error_sources import per_step_variant
 
-    if num_train % steps:
-        raise SystemExit(f"{num_train} training timesteps do not split into {steps} equal groups")
-    width = num_train // steps
+    width = num_train // steps  # per_step_variant refuses a num_train that steps does not divide
     return per_step_variant(tree, steps, num_train, lambda _, g: not (lo <= g * width and (g + 1) * width <= hi),
                             widen=8.0)
 
@@ -144,9 +141,10 @@ def _resmoothed(kernel, source_smooth, smooth, path: str):
     if smooth is None or source_smooth is None:
         raise SystemExit(f"{path}: one of the quantized layer and --float-source is smoothed, the other not; "
                          "pass the smoothed float model the quantized one was made from")
-    ratio = np.asarray(source_smooth.inv_scale, np.float64) / np.asarray(smooth.inv_scale, np.float64)
-    shape = (1,) * (np.ndim(kernel) - 2) + (-1, 1)
-    return jnp.asarray(np.asarray(kernel, np.float64) * ratio.reshape(shape), np.asarray(kernel).dtype)
+    from jaxquant.quant.smooth import scale_kernel_inputs
+
+    return scale_kernel_inputs(kernel, np.asarray(source_smooth.inv_scale, np.float64)
+                               / np.asarray(smooth.inv_scale, np.float64))
 
 
 def count_act_quant(tree) -> int:

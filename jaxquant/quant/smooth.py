@@ -140,6 +140,14 @@ def _alpha_of(alpha: float | Mapping[str, float | None], name: str) -> float | N
     return alpha
 
 
+def scale_kernel_inputs(kernel, factors: np.ndarray) -> jax.Array:
+    """``kernel`` (dense ``[in, out]`` or conv ``HWIO``) with its input row ``j`` multiplied by
+    ``factors[j]`` (in float64, cast back to the kernel's dtype)."""
+    shape = (1,) * (np.ndim(kernel) - 2) + (-1, 1)
+    return jnp.asarray(np.asarray(kernel, np.float64) * np.asarray(factors, np.float64).reshape(shape),
+                       np.asarray(kernel).dtype)
+
+
 def smooth_params(params: dict, act_absmax: dict[str, np.ndarray], alpha: float | Mapping[str, float | None]) -> dict:
     """``params`` with the layers of ``act_absmax`` smoothed (scaled kernel + ``input_smooth``).
 
@@ -162,8 +170,7 @@ def smooth_params(params: dict, act_absmax: dict[str, np.ndarray], alpha: float 
         if not isinstance(kernel, (np.ndarray, jax.Array)):
             raise ConfigError(f"layer {name!r} holds a {type(kernel).__name__}: smooth the float model, then quantize")
         s = smoothing_factors(amax, np.asarray(kernel), a)
-        shape = (1,) * (np.ndim(kernel) - 2) + (-1, 1)
-        node["kernel"] = jnp.asarray(np.asarray(kernel, np.float64) * s.reshape(shape), kernel.dtype)
+        node["kernel"] = scale_kernel_inputs(kernel, s)
         node["input_smooth"] = ChannelSmooth(jnp.asarray(1.0 / s, jnp.float32))
     return params
 
