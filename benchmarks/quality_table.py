@@ -26,6 +26,8 @@ Configurations are short names:
     aq-w2a8-ft100-rec300-net600-fa  the model named without -fa, sampled with its activation
                             quantizers removed (its tuned parameters kept): what its weights cost alone;
                             the bytes reported are the stored model's
+    ...-net600-fasc3        ... sampled without the activation quantizers of one set of sites only
+                            (FLOAT_ACT_SITES: sc3, the two shortcut inputs of up_blocks.3)
     aq-w2a8-ft100-it15      ... at most 15 rounds of codebook updates and code search per layer
                             (--aq-rounds 15; default 5)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
@@ -103,6 +105,15 @@ NETWORK_LR = 1e-3
 #: lowered it alike (ddpm-fmnist AQ W4A8, BENCHMARKS, "An unrolled loss").
 UNROLL_LR = 3e-4
 
+#: The activation quantizers a ``-faSET`` configuration samples without (a regular
+#: expression on the quantizer's dotted path, ``None``: all of them).
+FLOAT_ACT_SITES: dict[str, str | None] = {
+    "": None,
+    # The two shortcut inputs of the full-resolution up block, where the best AQ W4A8
+    # model's activation drift is made (BENCHMARKS, "Where the best W4 model's drift sits").
+    "sc3": r"^up_blocks\.3\.resnets\.\d+\.conv_shortcut\.input_quant$",
+}
+
 
 def parse_config(name: str) -> dict:
     """``{"method", "w_bits", "a_bits", "groups", "distortion"}`` of a configuration name."""
@@ -110,7 +121,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-fa] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-fa|-faSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -127,8 +138,11 @@ def parse_config(name: str) -> dict:
             cfg["min_code_bits"] = float(part[4:].replace("p", "."))
         elif part == "plm" and m["method"] == "aq":
             cfg["planning"] = "measured"
-        elif part == "fa" and m["method"] != "fp":
-            cfg["float_acts"] = True
+        elif re.fullmatch(r"fa[a-z0-9]*", part) and m["method"] != "fp":
+            if part[2:] not in FLOAT_ACT_SITES:
+                raise SystemExit(f"bad configuration {name!r}: -{part}: known sets of float activation "
+                                 f"sites are {sorted('fa' + k for k in FLOAT_ACT_SITES)}")
+            cfg["float_acts"] = FLOAT_ACT_SITES[part[2:]] or True
         elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
             cfg["min_weight_bits"] = int(part[4:])
         elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
@@ -331,7 +345,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     from jaxquant.quant.accounting import storage_report
 
     cfg = parse_config(name)
-    samples_name, name = name, name.removesuffix("-fa")  # -fa: the model named without it, sampled without
+    # -fa / -faSET: the model named without it, sampled without (some of) its activation quantizers
+    samples_name, name = name, re.sub(r"-fa[a-z0-9]*$", "", name)
     t0 = time.time()
     stages: list[str] = []  # the stages this run executed (none: the model dir was reused as it is)
     if cfg["method"] == "fp":
@@ -394,7 +409,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     if cfg.get("float_acts"):
         from benchmarks.sample_drift import _without_act_quant
 
-        model = jaxquant.Model(model.meta, _without_act_quant(model.params), model.path)
+        pattern = None if cfg["float_acts"] is True else cfg["float_acts"]
+        model = jaxquant.Model(model.meta, _without_act_quant(model.params, pattern), model.path)
     npz = work / f"{samples_name}-samples.npz"
     if not npz.is_file():
         labels = sample_labels(model, args.num)

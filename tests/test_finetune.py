@@ -301,6 +301,8 @@ def test_quality_table_names_for_reconstruction():
     assert "float_acts" not in parse_config("aq-w2a8-ft100-sens-rmin1p5-rec300-net600")
     with pytest.raises(SystemExit):
         parse_config("fp-fa")
+    with pytest.raises(SystemExit, match="known sets"):
+        parse_config("aq-w2a8-ft100-sens-rmin1p5-rec300-net600-faxyz")
     assert quantize_args("m", cfg, Path("c"), Path("w/q")) == quantize_args("m", parse_config("rd-w6a6-g10-sm50"),
                                                                             Path("c"), Path("w/q"))
     net = parse_config("aq-w2a8-ft100-sens-rmin1-rec300-net500")
@@ -308,6 +310,19 @@ def test_quality_table_names_for_reconstruction():
     argv = network_args(Path("w/q-rec300"), Path("c"), 500, Path("w/q-rec300-net500"))
     args = cli.build_parser().parse_args(argv)
     assert args.blocks == [NETWORK] and args.steps == 500 and args.lr == NETWORK_LR
+
+
+def test_quality_table_partial_float_activations_name_two_shortcut_inputs():
+    import re
+
+    from benchmarks.quality_table import parse_config
+    from jaxquant.models.introspect import conv_layers
+
+    cfg = parse_config("aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256-fasc3")
+    assert cfg["network_calib_samples"] == 256 and isinstance(cfg["float_acts"], str)
+    hit = [n for n in conv_layers(jaxquant.load("ddpm-fmnist")) if re.search(cfg["float_acts"], n + ".input_quant")]
+    assert hit == ["up_blocks.3.resnets.0.conv_shortcut", "up_blocks.3.resnets.1.conv_shortcut"]
+    assert parse_config("aq-w4a8-ft100-sens-rmin1-rec300-net600-fa")["float_acts"] is True
 
 
 def test_quality_table_names_for_the_network_stages_calibration():
