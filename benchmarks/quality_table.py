@@ -67,6 +67,8 @@ Configurations are short names:
     ...-net600-nq256-ms5    ... the network stage's pairs weighted by min(SNR_t, 5)/SNR_t (jaxquant
                             finetune --min-snr-gamma 5; 2p5: 2.5), so the nearly clean last steps do
                             not rule its loss
+    ...-net600-nq256-sd1    ... the network stage run with --seed 1 (its minibatch order and held-out
+                            pairs): a second build of the same configuration, for the spread
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -121,7 +123,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-fa|-faSET] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -166,6 +168,8 @@ def parse_config(name: str) -> dict:
         elif re.fullmatch(r"un[1-9]\d*s\d+", part):
             k, n = part[2:].split("s")
             cfg["unroll"], cfg["unroll_steps"] = int(k), int(n)
+        elif re.fullmatch(r"sd\d+", part):
+            cfg["network_seed"] = int(part[2:])
         elif re.fullmatch(r"ms\d+(p\d+)?", part):
             cfg["network_min_snr"] = float(part[2:].replace("p", "."))
         elif re.fullmatch(r"n[cq]\d+", part):
@@ -184,6 +188,8 @@ def parse_config(name: str) -> dict:
             raise SystemExit(f"bad configuration {name!r}: unknown part {part!r}")
     if "unroll" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -unKsN continues the network stage; it needs -netN")
+    if "network_seed" in cfg and not cfg.get("network_steps"):
+        raise SystemExit(f"bad configuration {name!r}: -sdK seeds the network stage; it needs -netN")
     if "network_min_snr" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -msG weights the network stage's loss; it needs -netN")
     return cfg
@@ -264,8 +270,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return (re.sub(r"-((rec|net|nc|nq)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name),
-            re.sub(r"-((net|nc|nq)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name))
+    return (re.sub(r"-((rec|net|nc|nq|sd)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name),
+            re.sub(r"-((net|nc|nq|sd)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name))
 
 
 def network_name(name: str) -> str:
@@ -284,13 +290,15 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
 
 
 def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1,
-                 lr: float = NETWORK_LR, min_snr_gamma: float | None = None) -> list[str]:
+                 lr: float = NETWORK_LR, min_snr_gamma: float | None = None, seed: int = 0) -> list[str]:
     """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration, or
     of its ``-unKsN`` continuation (``unroll`` K, ``lr`` UNROLL_LR; ``-un1sN``: the one-step
-    loss at that rate, the control); ``-msG``: pairs weighted by Min-SNR with ``G``."""
+    loss at that rate, the control); ``-msG``: pairs weighted by Min-SNR with ``G``; ``-sdK``:
+    ``seed`` K (minibatch order and held-out pairs; 0 is the CLI's default)."""
     return (["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
              "--lr", str(lr), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
-            + (["--min-snr-gamma", f"{min_snr_gamma:g}"] if min_snr_gamma is not None else []))
+            + (["--min-snr-gamma", f"{min_snr_gamma:g}"] if min_snr_gamma is not None else [])
+            + (["--seed", str(seed)] if seed else []))
 
 
 def sample_labels(model, num: int) -> np.ndarray | None:
@@ -396,7 +404,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                                        xtx=False)
             if not (networked / "config.json").is_file():
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
-                                    min_snr_gamma=cfg.get("network_min_snr"))) != 0:
+                                    min_snr_gamma=cfg.get("network_min_snr"),
+                                    seed=cfg.get("network_seed", 0))) != 0:
                     raise SystemExit(f"end-to-end tuning {name} failed")
                 stages.append("network")
             if "unroll" in cfg:

@@ -325,6 +325,23 @@ def test_quality_table_partial_float_activations_name_two_shortcut_inputs():
     assert parse_config("aq-w4a8-ft100-sens-rmin1-rec300-net600-fa")["float_acts"] is True
 
 
+def test_quality_table_seeds_the_network_stage():
+    from pathlib import Path
+
+    from benchmarks.quality_table import network_args, parse_config, stage_names
+
+    name = "aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256-ms5-sd1"
+    cfg = parse_config(name)
+    assert cfg["network_seed"] == 1 and cfg["network_min_snr"] == 5
+    # the stages below the network stage are the unseeded configuration's, shared
+    assert stage_names(name) == stage_names("aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256")
+    args = cli.build_parser().parse_args(network_args(Path("q"), Path("c"), 600, Path("o"), seed=1))
+    assert args.seed == 1
+    assert "--seed" not in network_args(Path("q"), Path("c"), 600, Path("o"))
+    with pytest.raises(SystemExit, match="needs -netN"):
+        parse_config("aq-w4a8-ft100-sens-rmin1-rec300-sd1")
+
+
 def test_quality_table_names_for_the_network_stages_calibration():
     from pathlib import Path
 
