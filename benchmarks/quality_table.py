@@ -27,7 +27,10 @@ Configurations are short names:
                             quantizers removed (its tuned parameters kept): what its weights cost alone;
                             the bytes reported are the stored model's
     ...-net600-fasc3        ... sampled without the activation quantizers of one set of sites only
-                            (FLOAT_ACT_SITES: sc3, the two shortcut inputs of up_blocks.3)
+                            (ACT_SITE_SETS: sc3, the two shortcut inputs of up_blocks.3)
+    aq-w4a8-a16sc3-ft100    ... quantized with one set of activation sites at 16 bits instead of A
+                            (--a-bits-at 'PATTERN=16', the set from ACT_SITE_SETS; the tuning stages
+                            see them, the bytes are the same). No longer A8 everywhere
     aq-w2a8-ft100-it15      ... at most 15 rounds of codebook updates and code search per layer
                             (--aq-rounds 15; default 5)
     rd-w6a6-g10-ssim        --method rd ... --groups 10 --distortion mse+ssim
@@ -107,9 +110,10 @@ NETWORK_LR = 1e-3
 #: lowered it alike (ddpm-fmnist AQ W4A8, BENCHMARKS, "An unrolled loss").
 UNROLL_LR = 3e-4
 
-#: The activation quantizers a ``-faSET`` configuration samples without (a regular
-#: expression on the quantizer's dotted path, ``None``: all of them).
-FLOAT_ACT_SITES: dict[str, str | None] = {
+#: Named sets of activation quantizers (a regular expression on the quantizer's dotted
+#: path, ``None``: all of them): those a ``-faSET`` configuration samples without, and
+#: those a ``-aBSET`` configuration quantizes at B bits.
+ACT_SITE_SETS: dict[str, str | None] = {
     "": None,
     # The two shortcut inputs of the full-resolution up block, where the best AQ W4A8
     # model's activation drift is made (BENCHMARKS, "Where the best W4 model's drift sits").
@@ -123,7 +127,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -141,10 +145,18 @@ def parse_config(name: str) -> dict:
         elif part == "plm" and m["method"] == "aq":
             cfg["planning"] = "measured"
         elif re.fullmatch(r"fa[a-z0-9]*", part) and m["method"] != "fp":
-            if part[2:] not in FLOAT_ACT_SITES:
+            if part[2:] not in ACT_SITE_SETS:
                 raise SystemExit(f"bad configuration {name!r}: -{part}: known sets of float activation "
-                                 f"sites are {sorted('fa' + k for k in FLOAT_ACT_SITES)}")
-            cfg["float_acts"] = FLOAT_ACT_SITES[part[2:]] or True
+                                 f"sites are {sorted('fa' + k for k in ACT_SITE_SETS)}")
+            cfg["float_acts"] = ACT_SITE_SETS[part[2:]] or True
+        elif re.fullmatch(r"a\d+[a-z][a-z0-9]*", part) and m["method"] in ("uniform", "aq"):
+            bits, key = re.fullmatch(r"a(\d+)([a-z][a-z0-9]*)", part).groups()
+            if not ACT_SITE_SETS.get(key):
+                raise SystemExit(f"bad configuration {name!r}: -{part}: known sets of activation sites are "
+                                 f"{sorted(k for k, v in ACT_SITE_SETS.items() if v)}")
+            if cfg["a_bits"] is None:
+                raise SystemExit(f"bad configuration {name!r}: -{part} needs quantized activations")
+            cfg["a_bits_at"] = (ACT_SITE_SETS[key], int(bits))
         elif re.fullmatch(r"wmin\d+", part) and m["method"] == "rd":
             cfg["min_weight_bits"] = int(part[4:])
         elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
@@ -249,6 +261,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
             argv += ["--rd-min-w-bits", str(cfg["min_weight_bits"])]
     if cfg.get("act_method"):
         argv += ["--act-method", cfg["act_method"]]
+    if cfg.get("a_bits_at"):
+        argv += ["--a-bits-at", "{}={}".format(*cfg["a_bits_at"])]
     if cfg.get("gptq"):
         argv += ["--gptq"]
     if cfg.get("finetune_steps"):

@@ -360,16 +360,34 @@ def _load_or_calibrate(args: argparse.Namespace, model, xtx: bool):
     return calibrate(model, _calib_config(args, xtx=xtx))
 
 
+def _act_config(args: argparse.Namespace):
+    """The :class:`~jaxquant.quant.quantize.ActQuantConfig` of ``jaxquant quantize``'s
+    activation options (``--a-bits-at REGEX=BITS`` becomes ``site_bits``)."""
+    from jaxquant.quant.quantize import ActQuantConfig
+
+    site_bits = []
+    for item in args.a_bits_at or ():
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.isdigit():
+            raise JaxquantError(f"--a-bits-at {item!r}: expected REGEX=BITS, e.g. "
+                                r"'up_blocks\.3\.resnets\.\d+\.conv_shortcut\.input_quant=16'")
+        site_bits.append((pattern, int(bits)))
+    if site_bits and args.a_bits is None:
+        raise JaxquantError("--a-bits-at needs quantized activations (--a-bits 4..8)")
+    return ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits,
+                          site_bits=tuple(site_bits))
+
+
 def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
     """``--method uniform``: per-channel uniform weights, per-group activation ranges."""
-    from jaxquant.quant.quantize import ActQuantConfig, quantize_uniform
+    from jaxquant.quant.quantize import quantize_uniform
     from jaxquant.quant.rules import load_rules
     from jaxquant.quant.uniform import WeightQuantConfig
 
     if args.w_bits != int(args.w_bits):
         raise JaxquantError(f"--method uniform needs an integer --w-bits (got {args.w_bits}); aq and rd take averages")
     wcfg = _weight_config(args, bits=int(args.w_bits))
-    acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
+    acfg = _act_config(args)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
     calib = (_load_or_calibrate(args, model, xtx=wcfg.error_feedback)
              if acfg.bits is not None or wcfg.error_feedback else None)
@@ -378,7 +396,7 @@ def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "method": "uniform", "w_bits": int(args.w_bits), "a_bits": args.a_bits,
         "timestep_groups": calib.config.groups if calib else None, "symmetric": args.symmetric,
         "group_size": args.group_size, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
-        "gptq": args.gptq, "gptq_damp": args.gptq_damp if args.gptq else None, "rules": args.rules}
+        "a_bits_at": [list(x) for x in acfg.site_bits], "gptq": args.gptq, "gptq_damp": args.gptq_damp if args.gptq else None, "rules": args.rules}
 
 
 #: ``jaxquant quantize --method M``: fn(args, model) -> (quantized params, manifest dict).
@@ -407,12 +425,11 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     fine-tuning, activations at ``--a-bits``; resumable from ``--aq-progress``."""
     from jaxquant.quant.additive import DEFAULT_MAX_ITERS
     from jaxquant.quant.aq_model import DEFAULT_MIN_CODE_BITS, plan_table, preset_plan, quantize_aq
-    from jaxquant.quant.quantize import ActQuantConfig
     from jaxquant.quant.rules import layer_kernels, load_rules
 
     if args.aq_rounds is not None and args.aq_rounds < 1:
         raise JaxquantError(f"--aq-rounds must be at least 1, got {args.aq_rounds}")
-    acfg = ActQuantConfig(bits=args.a_bits, method=args.act_method, softmax_bits=args.softmax_bits)
+    acfg = _act_config(args)
     rules = load_rules(args.rules, _aq_rule_config) if args.rules else None
     calib = _load_or_calibrate(args, model, xtx=True)
     progress_dir = args.aq_progress or f"{str(args.out).rstrip('/')}.progress"
@@ -444,7 +461,7 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "min_code_bits": floor, "planning": None if args.aq_preset else (args.aq_planning or "gaussian"),
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
         "code_budget": args.code_budget, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
-        "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
+        "a_bits_at": [list(x) for x in acfg.site_bits], "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
         "blocks": result.blocks}
 
 
@@ -476,6 +493,8 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     ``--a-bits`` (activation bits per timestep group); curves resume from ``--curves``."""
     from jaxquant.search.rd import quantize_model_rd
 
+    if args.a_bits_at:
+        raise JaxquantError("--a-bits-at is for --method uniform and aq: rd chooses every site's bits itself")
     wcfg, acfg, rules, ccfg = _rd_configs(args, args.a_bits)
     calib = _load_or_calibrate(args, model, xtx=wcfg.error_feedback)
     report_dir = f"{str(args.out).rstrip('/')}.rd"
@@ -831,6 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gptq_args(qz)
     qz.add_argument("--act-method", choices=["mse", "percentile", "minmax"], default="mse")
     qz.add_argument("--softmax-bits", type=int, default=16, help="bits of the attention probabilities")
+    qz.add_argument("--a-bits-at", action="append", default=None, metavar="REGEX=BITS",
+                    help="uniform, aq: give the activation quantizers whose whole name matches REGEX "
+                         "(LAYER.input_quant, ATTENTION.q_quant/k_quant/v_quant/probs_quant) BITS (4..16) "
+                         "instead of --a-bits; repeatable, the first match wins; the manifest records them")
     _add_rd_args(qz)
     qz.add_argument("--curves", default=None, metavar="DIR",
                     help="rd: curves directory, resumable and shareable between budgets (default OUT.rd; "

@@ -325,6 +325,30 @@ def test_quality_table_partial_float_activations_name_two_shortcut_inputs():
     assert parse_config("aq-w4a8-ft100-sens-rmin1-rec300-net600-fa")["float_acts"] is True
 
 
+def test_quality_table_quantizes_a_set_of_activation_sites_wider():
+    """``-a16sc3``: the quantize stage gets ``--a-bits-at PATTERN=16`` for the sites of ``-fasc3``,
+    so every stage above it is built on its own quantized model."""
+    from pathlib import Path
+
+    from benchmarks.quality_table import ACT_SITE_SETS, parse_config, quantize_args, stage_names
+
+    name = "aq-w4a8-a16sc3-ft100-sens-rmin1-plm-sm50fr-rec300-net600-nq256"
+    cfg = parse_config(name)
+    assert cfg["a_bits_at"] == (ACT_SITE_SETS["sc3"], 16) and cfg["a_bits"] == 8
+    argv = quantize_args("ddpm-fmnist", cfg, Path("c"), Path("w/q"))
+    args = cli.build_parser().parse_args(argv)
+    assert args.a_bits_at == [ACT_SITE_SETS["sc3"] + "=16"] and args.a_bits == 8
+    assert "--a-bits-at" not in quantize_args("m", parse_config("aq-w4a8-ft100-sens-rmin1"), Path("c"), Path("w/q"))
+    assert stage_names(name)[0] == "aq-w4a8-a16sc3-ft100-sens-rmin1-plm-sm50fr"  # its own quantized model
+    assert parse_config("uniform-w4a8-a12sc3")["a_bits_at"][1] == 12
+    with pytest.raises(SystemExit, match="known sets"):
+        parse_config("aq-w4a8-a16xyz")
+    with pytest.raises(SystemExit, match="needs quantized activations"):
+        parse_config("uniform-w4af-a16sc3")
+    with pytest.raises(SystemExit, match="unknown part"):
+        parse_config("rd-w6a6-g10-a16sc3")  # rd chooses every site's bits
+
+
 def test_quality_table_seeds_the_network_stage():
     from pathlib import Path
 

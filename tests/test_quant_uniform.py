@@ -359,3 +359,87 @@ def test_quality_table_names_for_gptq():
     assert "--gptq" not in quantize_args("m", parse_config("uniform-w6a6"), Path("c"), Path("w/q"))
     with pytest.raises(SystemExit):
         parse_config("aq-w4a8-gptq")
+
+
+def test_site_bits_give_the_named_activation_quantizers_their_bits(model_dir, calib):
+    """``ActQuantConfig.site_bits``: the first pattern matching a quantizer's whole name sets
+    its bits, everything else keeps ``bits`` (probabilities ``softmax_bits``); a 16-bit input
+    covers the calibration's whole range and is float to within half its step there.""" 
+    from jaxquant.quant.quantize import _site_samples, site_extremes
+
+    m = jaxquant.load(model_dir)
+    sc = r"up_blocks\.0\.resnets\.\d+\.conv_shortcut\.input_quant"
+    acts = ActQuantConfig(bits=6, site_bits=((sc, 16), (r".*\.probs_quant", 12), (r".*", 16)))
+    bits, cfg = acts.at_site("up_blocks.0.resnets.1.conv_shortcut.input_quant", 6)
+    assert bits == 16 and cfg.method == "minmax"  # above 8 bits: the whole calibrated range
+    assert acts.at_site("x.probs_quant", 16)[0] == 12 and acts.site_override("y") == 16
+    low = ActQuantConfig(bits=8, site_bits=((r"y", 6),))
+    assert low.at_site("y", 8) == (6, low)  # at 8 bits or fewer: the config's own ranges
+    assert ActQuantConfig(6).at_site("y", 6) == (6, ActQuantConfig(6))
+    q = quantize_uniform(m, calib, WeightQuantConfig(bits=8), ActQuantConfig(6, site_bits=((sc, 16), (r".*\.probs_quant", 12))),
+                         progress=False)
+    base = quantize_uniform(m, calib, WeightQuantConfig(bits=8), ActQuantConfig(6), progress=False)
+
+    def quantizers(tree, prefix=""):
+        for k, v in tree.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, ActQuant):
+                yield name, v
+            elif isinstance(v, dict):
+                yield from quantizers(v, name)
+
+    got, want = dict(quantizers(q)), dict(quantizers(base))
+    assert got.keys() == want.keys()
+    wide = {n for n in got if n.startswith("up_blocks.0.resnets.") and n.endswith("conv_shortcut.input_quant")}
+    assert len(wide) >= 2
+    for n, aq in got.items():
+        expect = 16 if n in wide else 12 if n.endswith("probs_quant") else 6
+        assert aq.bits == expect, n
+        if expect == 6:  # the quantizers the exceptions do not name are those of the plain config
+            np.testing.assert_array_equal(aq.scale, want[n].scale)
+    for n in wide:  # the whole calibrated range, to within the zero point's rounding
+        layer = n.rsplit(".", 1)[0]
+        lo, hi = site_extremes(calib, layer, False)
+        aq = got[n]
+        scale, zero = np.asarray(aq.scale), np.asarray(aq.zero)
+        np.testing.assert_allclose(scale, (hi - lo) / 65535, rtol=1e-3)
+        assert np.all(-zero * scale <= lo + scale) and np.all((65535 - zero) * scale >= hi - scale)
+        v = _site_samples(calib, layer)  # [G, 2, R]: the two parts of the split input
+        for g in range(aq.num_groups):
+            for j in range(2):
+                one = ActQuant(scale[g:g + 1, j:j + 1], zero[g:g + 1, j:j + 1], 16)
+                err = np.abs(np.asarray(one(jnp.asarray(v[g, j]))) - v[g, j]).max()
+                assert err <= 0.5 * scale[g, j] * (1 + 1e-3)  # float up to half a 16-bit step
+
+
+def test_site_bits_are_checked(model_dir, calib):
+    m = jaxquant.load(model_dir)
+    with pytest.raises(ConfigError, match="4..16"):
+        ActQuantConfig(8, site_bits=((r".*", 17),))
+    with pytest.raises(ConfigError, match="regular expression"):
+        ActQuantConfig(8, site_bits=((r"up_blocks[", 16),))
+    with pytest.raises(ConfigError, match="matches none"):  # a typo must not pass silently
+        quantize_uniform(m, calib, WeightQuantConfig(bits=8),
+                         ActQuantConfig(8, site_bits=((r"up_block\.0\..*\.input_quant", 16),)), progress=False)
+    with pytest.raises(ConfigError, match="matches none"):  # the whole name, not a part of it
+        quantize_uniform(m, calib, WeightQuantConfig(bits=8),
+                         ActQuantConfig(8, site_bits=((r"conv_shortcut", 16),)), progress=False)
+
+
+def test_cli_a_bits_at(model_dir, tmp_path, capsys):
+    cal, qdir = tmp_path / "cal", tmp_path / "q"
+    assert cli.main(["calibrate", str(model_dir), "--num-samples", "4", "--steps", "2", "--batch-size", "4",
+                     "--groups", "2", "--no-xtx", "--out", str(cal)]) == 0
+    pattern = r"up_blocks\.0\.resnets\.0\.conv_shortcut\.input_quant"
+    common = ["quantize", str(model_dir), "--w-bits", "4", "--calib", str(cal), "--out", str(qdir)]
+    assert cli.main([*common, "--a-bits", "8", "--a-bits-at", f"{pattern}=16"]) == 0
+    q = jaxquant.load(qdir)
+    assert q.params["up_blocks.0.resnets.0"]["conv_shortcut"]["input_quant"].bits == 16
+    assert q.params["up_blocks.0.resnets.1"]["conv_shortcut"]["input_quant"].bits == 8
+    assert q.meta.extra["quantized"]["a_bits_at"] == [[pattern, 16]]
+    capsys.readouterr()
+    assert cli.main([*common, "--a-bits", "8", "--a-bits-at", pattern]) == 2
+    assert "REGEX=BITS" in capsys.readouterr().err
+    assert cli.main([*common, "--a-bits", "none", "--a-bits-at", f"{pattern}=16"]) == 2
+    assert cli.main([*common, "--method", "rd", "--a-bits", "8", "--a-bits-at", f"{pattern}=16"]) == 2
+    assert "rd chooses" in capsys.readouterr().err

@@ -11,6 +11,7 @@ first and last layer stay float unless the rules say otherwise.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,6 +36,14 @@ class ActQuantConfig:
       softmax_bits: bit width of the attention probabilities (kept higher than ``bits``).
       attention_matmuls: also quantize q, k, v and the softmax output (the matmul operands).
       split: separate ranges for the two parts of concatenated skip inputs.
+      site_bits: per-site exceptions, ``((pattern, bits), ...)``: the first regular
+        expression that matches the whole name of a quantizer (``LAYER.input_quant``, or
+        ``ATTENTION.q_quant`` / ``k_quant`` / ``v_quant`` / ``probs_quant``) gives it
+        ``bits`` (4..16) instead of ``bits`` (or ``softmax_bits``). For keeping a few
+        sensitive inputs wider, as the first and last layer are kept float; a model built
+        so is no longer A``bits`` everywhere, and its manifest says which sites differ.
+        Above 8 bits such a quantizer takes the full range the calibration saw ("minmax"):
+        its rounding error is then negligible and clipping would be all its error.
     """
 
     bits: int | None = 8
@@ -43,6 +52,7 @@ class ActQuantConfig:
     softmax_bits: int = 16
     attention_matmuls: bool = True
     split: bool = True
+    site_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if self.bits is not None and not 4 <= self.bits <= 8:
@@ -51,6 +61,27 @@ class ActQuantConfig:
             raise ConfigError(f"softmax_bits must be 4..16, got {self.softmax_bits}")
         if self.method not in ("mse", "percentile", "minmax"):
             raise ConfigError(f"activation calibration method must be 'mse', 'percentile' or 'minmax', got {self.method!r}")
+        object.__setattr__(self, "site_bits", tuple((str(p), int(b)) for p, b in self.site_bits))
+        for pattern, bits in self.site_bits:
+            if not 4 <= bits <= 16:
+                raise ConfigError(f"site bits must be 4..16, got {bits} for {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"site pattern {pattern!r} is not a regular expression: {e}") from None
+
+    def site_override(self, quantizer: str) -> int | None:
+        """The bits ``site_bits`` gives the quantizer named ``quantizer`` (the first pattern
+        matching the whole name), ``None`` where no pattern matches."""
+        return next((b for p, b in self.site_bits if re.fullmatch(p, quantizer)), None)
+
+    def at_site(self, quantizer: str, default: int) -> tuple[int, ActQuantConfig]:
+        """``(bits, config)`` of the quantizer named ``quantizer``: ``default`` bits and this
+        config, or its ``site_bits`` exception (with "minmax" ranges above 8 bits)."""
+        bits = self.site_override(quantizer)
+        if bits is None:
+            return default, self
+        return bits, dataclasses.replace(self, method="minmax") if bits > 8 else self
 
 
 def act_quantizer(samples: np.ndarray, bits: int, cfg: ActQuantConfig, split: int = 0,
@@ -126,7 +157,8 @@ def attach_act_quantizers(model, calib, params: dict, plan: dict[str, Any], acts
     (split ranges for concatenated inputs when ``acts.split``). With
     ``acts.attention_matmuls`` the q, k, v and softmax operands of an attention whose
     projections are all quantized get ``{q,k,v,probs}_quant`` (softmax at
-    ``max(bits, softmax_bits)``). Shared by every whole-model quantizer (uniform, AQ).
+    ``max(bits, softmax_bits)``); ``acts.site_bits`` overrides the bits of the quantizers it
+    names. Shared by every whole-model quantizer (uniform, AQ).
 
     Args:
       model: the :class:`jaxquant.Model` the tree belongs to (conv geometry, split inputs).
@@ -151,21 +183,30 @@ def attach_act_quantizers(model, calib, params: dict, plan: dict[str, Any], acts
         return node
 
     quantized = [n for n, c in plan.items() if c is not None]
+    named: list[str] = []  # every quantizer attached, for the check of acts.site_bits
     for name in quantized:
         samples = _site_samples(calib, name)
         merge = samples.shape[1] == 2 and not acts.split
         if merge:
             samples = samples.reshape(samples.shape[0], 1, -1)
-        node_of(name)["input_quant"] = act_quantizer(samples, acts.bits, acts, splits.get(name, 0),
+        named.append(f"{name}.input_quant")
+        bits, cfg = acts.at_site(named[-1], acts.bits)
+        node_of(name)["input_quant"] = act_quantizer(samples, bits, cfg, splits.get(name, 0),
                                                      site_extremes(calib, name, merge))
     if acts.attention_matmuls:
         for site in calib.sites:
             base, _, leaf = site.rpartition(".")
             if leaf not in ("q", "k", "v", "probs") or not _projections_quantized(base, plan):
                 continue
-            bits = max(acts.bits, acts.softmax_bits) if leaf == "probs" else acts.bits
-            node_of(base)[f"{leaf}_quant"] = act_quantizer(_site_samples(calib, site), bits, acts,
+            named.append(f"{base}.{leaf}_quant")
+            bits, cfg = acts.at_site(named[-1], max(acts.bits, acts.softmax_bits) if leaf == "probs" else acts.bits)
+            node_of(base)[f"{leaf}_quant"] = act_quantizer(_site_samples(calib, site), bits, cfg,
                                                            extremes=site_extremes(calib, site, False))
+    for pattern, _ in acts.site_bits:
+        if not any(re.fullmatch(pattern, n) for n in named):
+            raise ConfigError(f"site pattern {pattern!r} matches none of the model's {len(named)} activation "
+                              f"quantizers (names like {named[0]!r}; the whole name must match)" if named else
+                              f"site pattern {pattern!r}: the model has no activation quantizers")
     return params
 
 
