@@ -149,8 +149,8 @@ def parse_config(name: str) -> dict:
                 raise SystemExit(f"bad configuration {name!r}: -{part}: known sets of float activation "
                                  f"sites are {sorted('fa' + k for k in ACT_SITE_SETS)}")
             cfg["float_acts"] = ACT_SITE_SETS[part[2:]] or True
-        elif re.fullmatch(r"a\d+[a-z][a-z0-9]*", part) and m["method"] in ("uniform", "aq"):
-            bits, key = re.fullmatch(r"a(\d+)([a-z][a-z0-9]*)", part).groups()
+        elif (wide := re.fullmatch(r"a(\d+)([a-z][a-z0-9]*)", part)) and m["method"] in ("uniform", "aq"):
+            bits, key = wide.groups()
             if not ACT_SITE_SETS.get(key):
                 raise SystemExit(f"bad configuration {name!r}: -{part}: known sets of activation sites are "
                                  f"{sorted(k for k, v in ACT_SITE_SETS.items() if v)}")

@@ -396,7 +396,8 @@ def _quantize_uniform(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "method": "uniform", "w_bits": int(args.w_bits), "a_bits": args.a_bits,
         "timestep_groups": calib.config.groups if calib else None, "symmetric": args.symmetric,
         "group_size": args.group_size, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
-        "a_bits_at": [list(x) for x in acfg.site_bits], "gptq": args.gptq, "gptq_damp": args.gptq_damp if args.gptq else None, "rules": args.rules}
+        "a_bits_at": [list(x) for x in acfg.site_bits], "gptq": args.gptq,
+        "gptq_damp": args.gptq_damp if args.gptq else None, "rules": args.rules}
 
 
 #: ``jaxquant quantize --method M``: fn(args, model) -> (quantized params, manifest dict).
@@ -461,7 +462,8 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "min_code_bits": floor, "planning": None if args.aq_preset else (args.aq_planning or "gaussian"),
         "finetune_steps": args.finetune_steps, "code_update_every": args.code_update_every,
         "code_budget": args.code_budget, "act_method": args.act_method, "softmax_bits": args.softmax_bits,
-        "a_bits_at": [list(x) for x in acfg.site_bits], "rules": args.rules, "plan": {n: c.describe() for n, c in result.plan.items()},
+        "a_bits_at": [list(x) for x in acfg.site_bits], "rules": args.rules,
+        "plan": {n: c.describe() for n, c in result.plan.items()},
         "blocks": result.blocks}
 
 

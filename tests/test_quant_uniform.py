@@ -364,7 +364,7 @@ def test_quality_table_names_for_gptq():
 def test_site_bits_give_the_named_activation_quantizers_their_bits(model_dir, calib):
     """``ActQuantConfig.site_bits``: the first pattern matching a quantizer's whole name sets
     its bits, everything else keeps ``bits`` (probabilities ``softmax_bits``); a 16-bit input
-    covers the calibration's whole range and is float to within half its step there.""" 
+    covers the calibration's whole range and is float to within half its step there."""
     from jaxquant.quant.quantize import _site_samples, site_extremes
 
     m = jaxquant.load(model_dir)

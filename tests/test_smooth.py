@@ -338,6 +338,10 @@ def test_model_criterion_is_the_error_of_the_model_with_that_layer_smoothed_and_
     assert list(got) == [layer]
     assert len(scored) == 3  # None, 0.5, 1.0
     x, t = jnp.asarray(calib.inputs), calib.timesteps
+    ts = [jnp.full((N,), int(t[s]), jnp.int32) for s in range(S)]
+    fwd = xla.jit(lambda p, x, t: model.apply(p, x, t))  # the smoothed models share the module
+    refs = [np.asarray(fwd(model.params, x[s], ts[s]), np.float64) for s in range(S)]
+    den = sum((r ** 2).sum() for r in refs)
     for alpha, cand in zip((None, 0.5, 1.0), scored):
         sm = smooth_model(model, calib, {layer: alpha}, rules=only, progress=False)
         cal = calibrate(sm, CalibConfig(num_samples=8, steps=4, groups=2, batch_size=4, reservoir=512, xtx=False),
@@ -349,13 +353,7 @@ def test_model_criterion_is_the_error_of_the_model_with_that_layer_smoothed_and_
         np.testing.assert_array_equal(node["input_quant"].zero, cand.zero, err_msg=f"alpha {alpha}")
         np.testing.assert_allclose(node["input_quant"].scale, cand.scale, rtol=1e-5, err_msg=f"alpha {alpha}")
         node["input_quant"] = cand
-        fwd = xla.jit(lambda p, x, t: sm.apply(p, x, t))
-        num = den = 0.0
-        for s in range(S):
-            ts = jnp.full((N,), int(t[s]), jnp.int32)
-            ref = np.asarray(fwd(model.params, x[s], ts), np.float64)
-            out = np.asarray(fwd(q, x[s], ts), np.float64)
-            num, den = num + ((out - ref) ** 2).sum(), den + (ref ** 2).sum()
+        num = sum(((np.asarray(fwd(q, x[s], ts[s]), np.float64) - refs[s]) ** 2).sum() for s in range(S))
         np.testing.assert_allclose(got[layer].errors[alpha], num / den, rtol=1e-3, err_msg=f"alpha {alpha}")
     assert got[layer].errors[got[layer].alpha] == min(got[layer].errors.values())
 
