@@ -72,6 +72,8 @@ Configurations are short names:
                             not rule its loss
     ...-net600-nq256-sd1    ... the network stage run with --seed 1 (its minibatch order and held-out
                             pairs): a second build of the same configuration, for the spread
+    ...-net600-nq256-ema995 ... the network stage keeps the moving average of its Adam iterates with
+                            decay 0.995 (jaxquant finetune --ema 0.995) instead of the last iterate
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
@@ -182,6 +184,8 @@ def parse_config(name: str) -> dict:
             cfg["unroll"], cfg["unroll_steps"] = int(k), int(n)
         elif re.fullmatch(r"sd\d+", part):
             cfg["network_seed"] = int(part[2:])
+        elif re.fullmatch(r"ema\d+", part):
+            cfg["network_ema"] = float("0." + part[3:])
         elif re.fullmatch(r"ms\d+(p\d+)?", part):
             cfg["network_min_snr"] = float(part[2:].replace("p", "."))
         elif re.fullmatch(r"n[cq]\d+", part):
@@ -202,6 +206,8 @@ def parse_config(name: str) -> dict:
         raise SystemExit(f"bad configuration {name!r}: -unKsN continues the network stage; it needs -netN")
     if "network_seed" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -sdK seeds the network stage; it needs -netN")
+    if "network_ema" in cfg and not cfg.get("network_steps"):
+        raise SystemExit(f"bad configuration {name!r}: -emaD averages the network stage's iterates; it needs -netN")
     if "network_min_snr" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -msG weights the network stage's loss; it needs -netN")
     return cfg
@@ -284,8 +290,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return (re.sub(r"-((rec|net|nc|nq|sd)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name),
-            re.sub(r"-((net|nc|nq|sd)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name))
+    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name),
+            re.sub(r"-((net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name))
 
 
 def network_name(name: str) -> str:
@@ -304,15 +310,17 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
 
 
 def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1,
-                 lr: float = NETWORK_LR, min_snr_gamma: float | None = None, seed: int = 0) -> list[str]:
+                 lr: float = NETWORK_LR, min_snr_gamma: float | None = None, seed: int = 0,
+                 ema: float | None = None) -> list[str]:
     """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration, or
     of its ``-unKsN`` continuation (``unroll`` K, ``lr`` UNROLL_LR; ``-un1sN``: the one-step
     loss at that rate, the control); ``-msG``: pairs weighted by Min-SNR with ``G``; ``-sdK``:
-    ``seed`` K (minibatch order and held-out pairs; 0 is the CLI's default)."""
+    ``seed`` K (minibatch order and held-out pairs; 0 is the CLI's default); ``-emaD``: the
+    moving average of the iterates with decay ``0.D`` (``ema``)."""
     return (["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
              "--lr", str(lr), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
             + (["--min-snr-gamma", f"{min_snr_gamma:g}"] if min_snr_gamma is not None else [])
-            + (["--seed", str(seed)] if seed else []))
+            + (["--seed", str(seed)] if seed else []) + (["--ema", f"{ema:g}"] if ema is not None else []))
 
 
 def sample_labels(model, num: int) -> np.ndarray | None:
@@ -419,7 +427,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
             if not (networked / "config.json").is_file():
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
                                     min_snr_gamma=cfg.get("network_min_snr"),
-                                    seed=cfg.get("network_seed", 0))) != 0:
+                                    seed=cfg.get("network_seed", 0), ema=cfg.get("network_ema"))) != 0:
                     raise SystemExit(f"end-to-end tuning {name} failed")
                 stages.append("network")
             if "unroll" in cfg:

@@ -632,7 +632,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                      load_calibration(args.calib), steps=args.steps, lr=lr,
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
                                      eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks,
-                                     unroll=args.unroll, min_snr_gamma=args.min_snr_gamma)
+                                     unroll=args.unroll, min_snr_gamma=args.min_snr_gamma, ema=args.ema)
     meta = qmodel.meta
     earlier = list(meta.extra.get("finetune_earlier", []))
     if "finetune" in meta.extra:  # a model tuned before (blocks, then the network): keep that record too
@@ -643,7 +643,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                              "seed": args.seed, "blocks": [r["block"] for r in records],
                                              **({"unroll": args.unroll} if args.unroll != 1 else {}),
                                              **({"min_snr_gamma": args.min_snr_gamma}
-                                                if args.min_snr_gamma is not None else {})}}
+                                                if args.min_snr_gamma is not None else {}),
+                                             **({"ema": args.ema} if args.ema is not None else {})}}
     if earlier:
         meta.extra["finetune_earlier"] = earlier
     save_model_dir(args.out, meta, params)
@@ -931,6 +932,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight each calibration pair's error by min(SNR_t, G)/SNR_t (Min-SNR weighting), so the "
                     "nearly clean last steps, whose eps the sampler scales by ~0.01, stop ruling the loss "
                     "(default: unweighted)")
+    ft.add_argument("--ema", type=float, default=None, metavar="D",
+                    help="keep the exponential moving average of the Adam iterates with decay D (e.g. 0.995, a "
+                    "window of about 1/(1-D) steps) instead of the last iterate, averaging out the last "
+                    "minibatches' noise (default: the last iterate)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--out", required=True, help="output model directory")
     ft.set_defaults(fn=_cmd_finetune)

@@ -246,6 +246,47 @@ def test_network_stage_with_an_unrolled_loss(quantized, calib):
         finetune_model(q, q.params, m.params, calib, steps=1, unroll=2, progress=False)
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_network_stage_keeps_the_average_of_its_iterates(quantized, calib, monkeypatch, unroll):
+    """ema = d: the tuned values are Σ_s d^(T-s)·θ_s / Σ_s d^(T-s) over the Adam iterates,
+    recomputed here from the iterates themselves, not the last iterate; codes stay; a decay
+    outside (0, 1) and code updates are refused."""
+    from jaxquant.quant import aq_model
+
+    m, q = quantized
+    seen = []
+    update = aq_model._IterateAverage.update
+
+    def spy(self, theta):
+        seen.append([np.asarray(v, np.float64) for v in theta])
+        update(self, theta)
+
+    monkeypatch.setattr(aq_model._IterateAverage, "update", spy)
+    d, steps = 0.7, 8
+    tuned, rec = finetune_block(q, q.params, m.params, NETWORK, calib, steps=steps, lr=3e-3, batch_size=4,
+                                eval_pairs=8, lr_relative=True, unroll=unroll, ema=d)
+    assert rec["ema"] == d and rec["kept"] and len(seen) == steps
+    units = tuple(block_units(q.params, NETWORK))
+    _, _, leaves, train_idx, _ = aq_model._trainable(q.params, m.params, units)
+    got = jax.tree_util.tree_leaves([aq_model._get(tuned, u) for u in units])
+    w = d ** np.arange(steps - 1, -1, -1)
+    moved_off_last = 0
+    for k, i in enumerate(train_idx):
+        want = sum(wi * it[k] for wi, it in zip(w, seen)) / w.sum()
+        np.testing.assert_allclose(np.asarray(got[i], np.float64), want.astype(np.asarray(leaves[i]).dtype),
+                                   rtol=2e-5, atol=1e-7)
+        moved_off_last += not np.allclose(np.asarray(got[i], np.float64), seen[-1][k], rtol=1e-6, atol=0)
+    assert moved_off_last > len(train_idx) // 2
+    for i, (a, b) in enumerate(zip(leaves, got)):
+        if i not in set(train_idx):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ConfigError, match="decay"):
+            finetune_block(q, q.params, m.params, NETWORK, calib, steps=1, ema=bad)
+    with pytest.raises(ConfigError, match="code updates"):
+        finetune_block(q, q.params, m.params, "mid_block", calib, steps=1, code_update_every=1, ema=0.9)
+
+
 def _network_seed():
     from jaxquant.quant.aq_model import _as_key, _seed_of
 
@@ -280,6 +321,11 @@ def test_cli_finetune(model_dir, calib, tmp_path, capsys):
     assert un.meta.extra["finetune"]["unroll"] == 2 and un.meta.extra["finetune_earlier"][0]["steps"] == 6
     assert cli.main(["finetune", str(qdir), "--calib", str(cal), "--steps", "3", "--unroll", "2",
                      "--out", str(tmp_path / "y")]) == 2  # the blocks: refused
+    assert cli.main(["finetune", str(out), "--calib", str(cal), "--steps", "3", "--batch", "4", "--blocks", "network",
+                     "--ema", "0.9", "--out", str(tmp_path / "ema")]) == 0
+    assert jaxquant.load(tmp_path / "ema").meta.extra["finetune"]["ema"] == 0.9
+    assert json.loads((tmp_path / "ema" / "finetune.json").read_text())[0]["ema"] == 0.9
+    assert "ema" not in un.meta.extra["finetune"]
 
 
 def test_quality_table_names_for_reconstruction():
@@ -364,6 +410,24 @@ def test_quality_table_seeds_the_network_stage():
     assert "--seed" not in network_args(Path("q"), Path("c"), 600, Path("o"))
     with pytest.raises(SystemExit, match="needs -netN"):
         parse_config("aq-w4a8-ft100-sens-rmin1-rec300-sd1")
+
+
+def test_quality_table_averages_the_network_stages_iterates():
+    from pathlib import Path
+
+    from benchmarks.quality_table import network_args, network_name, parse_config, stage_names
+
+    name = "aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256-sd1-ema995"
+    cfg = parse_config(name)
+    assert cfg["network_ema"] == 0.995 and cfg["network_seed"] == 1 and parse_config(
+        name.replace("ema995", "ema99"))["network_ema"] == 0.99
+    assert stage_names(name) == stage_names("aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256")
+    assert network_name(name) == name
+    args = cli.build_parser().parse_args(network_args(Path("q"), Path("c"), 600, Path("o"), ema=0.995))
+    assert args.ema == 0.995
+    assert "--ema" not in network_args(Path("q"), Path("c"), 600, Path("o"))
+    with pytest.raises(SystemExit, match="needs -netN"):
+        parse_config("aq-w4a8-ft100-rec300-ema995")
 
 
 def test_quality_table_names_for_the_network_stages_calibration():
