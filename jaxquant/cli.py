@@ -333,6 +333,10 @@ def _add_rd_args(p: argparse.ArgumentParser) -> None:
                         "over steps count; a trajectory of forward passes per input)")
     p.add_argument("--rd-feature-output", choices=["pool", "logits"], default="pool",
                    help="rd: which output of --rd-features is compared")
+    p.add_argument("--rd-max-a-bits", type=int, default=8, metavar="B",
+                   help="rd: widest activation candidate, 8..16 (default 8, the seed's 4..8); above 8 the "
+                        "candidates are 10, 12, ..., B, with the calibration's full range, so that at an average "
+                        "of --a-bits a few sensitive sites can be kept wider at the others' expense")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -476,14 +480,15 @@ def _rd_configs(args: argparse.Namespace, a_bits):
     from jaxquant.quant.quantize import ActQuantConfig
     from jaxquant.quant.rules import load_rules
     from jaxquant.quant.uniform import WeightQuantConfig
-    from jaxquant.search.rd import CurveConfig
+    from jaxquant.search.rd import CurveConfig, act_candidates
 
     wcfg = _weight_config(args)
     acfg = None if a_bits is None else ActQuantConfig(bits=min(max(int(round(a_bits)), 4), 8), method=args.act_method,
                                                       softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
     reference = getattr(args, "rd_conditional_weights", None) or "float"
-    return wcfg, acfg, rules, CurveConfig(inputs_per_group=args.rd_inputs, seed=args.seed,
+    return wcfg, acfg, rules, CurveConfig(act_bits=act_candidates(args.rd_max_a_bits),
+                                          inputs_per_group=args.rd_inputs, seed=args.seed,
                                           lookahead=args.rd_lookahead, features=args.rd_features,
                                           feature_output=args.rd_feature_output, trajectory=args.rd_trajectory,
                                           context_reference=reference)
@@ -518,6 +523,7 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
         "rd_lookahead": ccfg.lookahead, "rd_features": args.rd_features,
         "rd_feature_output": args.rd_feature_output if args.rd_features else None,
         "rd_trajectory": args.rd_trajectory, "rd_conditional_weights": args.rd_conditional_weights,
+        "rd_act_candidates": list(ccfg.act_bits),
         "curves": str(curves_dir),
         "predicted_distortion": plan.predicted,
         "measured_distortion": result.measured,

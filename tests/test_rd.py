@@ -579,6 +579,80 @@ def test_lookahead_from_the_cli_and_the_quality_table_names():
     assert "--rd-lookahead" not in plain and plain[plain.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
 
 
+def test_wide_activation_candidates(setup):
+    """Activation candidates above 8 bits (``act_candidates(16)``): the 4..8 points equal
+    the seed's curves, the wide ones use the calibration's full range and are measured
+    like any other point, and an average of 8 bits can now keep some sites wider."""
+    from jaxquant.quant.activation import range_to_scale_zero
+    from jaxquant.quant.quantize import site_extremes
+
+    _, calib, _, problem, curves, _ = setup
+    assert rd.act_candidates(8) == rd.ACT_BITS and rd.act_candidates(16) == (4, 5, 6, 7, 8, 10, 12, 14, 16)
+    assert rd.act_candidates(11) == (4, 5, 6, 7, 8, 10, 11)
+    for bad in (7, 17):
+        with pytest.raises(ConfigError, match="widest activation candidate"):
+            rd.act_candidates(bad)
+    with pytest.raises(ConfigError, match="4..16"):
+        rd.CurveConfig(act_bits=(4, 8, 17))
+    wide_cfg = rd.CurveConfig(act_bits=rd.act_candidates(16), inputs_per_group=3, batch_size=8)
+    wide = rd.RDProblem(problem.model, calib, WCFG, ACFG, RULES, wide_cfg)
+    assert wide.fingerprint() != problem.fingerprint()  # never resumed from the seed's curves
+    acts = [c.site.key for c in curves.of_kind("act")]
+    wc = rd.compute_curves(wide, None, progress=False, only=acts)
+    for key in acts:
+        c, n = wc.curves[key], curves.curves[key]
+        assert c.bits == rd.act_candidates(16) and list(c.sizes) == [c.site.numel * b for b in c.bits]
+        for kind in dist.DISTORTIONS:
+            np.testing.assert_allclose(wc.distortion(key, kind)[:, :5], curves.distortion(key, kind), rtol=1e-5,
+                                       atol=1e-12)
+        d = wc.distortion(key, "mse")
+        assert np.all(d[:, -1] < d[:, c.bits.index(8)])  # 16 bits with the full range beat 8 with clipping
+    # Above 8 bits a candidate's range is the full range the calibration saw, at every group.
+    site = next(s for s in wide.sites if s.key == acts[0])
+    lo, hi = site_extremes(calib, site.name, wide._merges_parts(site))
+    for g in range(2):
+        scale, zero = wide.act_params(site, g, 12)
+        want = [range_to_scale_zero(float(lo[g, j]), float(hi[g, j]), 12) for j in range(lo.shape[1])]
+        np.testing.assert_allclose(scale[:len(want)], [w[0] for w in want], rtol=1e-6)
+        np.testing.assert_allclose(zero[:len(want)], [w[1] for w in want])
+    # A wide single-site plan measured through the stored quantizers has its curve points.
+    key = acts[0]
+    plan = rd.RDPlan("mse", {}, {wc.curves[key].site.name: (12, 16)}, False, 0, 0, [], 0, [])
+    sums = rd.measure_distortion(wide, rd.quantize_rd(wide, plan))
+    cols = [wc.curves[key].bits.index(12), wc.curves[key].bits.index(16)]
+    np.testing.assert_allclose(rd.group_distortion(wc, sums), wc.distortion(key)[[0, 1], cols], rtol=1e-3)
+    # At an average of 8 bits the seed's candidates leave no choice (the budget does not
+    # bind: each site takes its least distortion, at 8 bits or where 6-7 are no worse);
+    # wide ones spend the same budget unevenly. The wide plan is on the lower convex hull
+    # of its curves (no plan of at most its size does better), and the seed's plan is one
+    # of those plans, so it predicts no more distortion.
+    narrow8 = rd.allocate_activations(curves, 8)
+    assert max(b for v in narrow8[0].values() for b in v) == 8
+    bits, size, budget, predicted = rd.allocate_activations(wc, 8)
+    assert all(s <= budget for s in size) and budget == narrow8[2]
+    widths = {b for v in bits.values() for b in v}
+    assert max(widths) > 8 and min(widths) < 8
+    assert np.all(np.asarray(size) >= np.asarray(narrow8[1])) and np.all(predicted <= narrow8[3])
+
+
+def test_wide_activation_candidates_from_the_cli_and_the_quality_table_names():
+    from pathlib import Path
+
+    from benchmarks.quality_table import parse_config, quantize_args
+
+    for cmd in ("rd-curves", "quantize"):
+        args = cli.build_parser().parse_args([cmd, "M", "--out", "D", "--rd-max-a-bits", "12"])
+        assert cli._rd_configs(args, 8)[3].act_bits == (4, 5, 6, 7, 8, 10, 12)
+    args = cli.build_parser().parse_args(["rd-curves", "M", "--out", "D"])
+    assert cli._rd_configs(args, 8)[3].act_bits == rd.ACT_BITS
+    cfg = parse_config("rd-w8a8-g2-ac16")
+    assert cfg["max_act_bits"] == 16 and cfg["groups"] == 2
+    argv = quantize_args("m", cfg, Path("c"), Path("w/q"))
+    assert argv[argv.index("--rd-max-a-bits") + 1] == "16"
+    assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g2-ac16"))  # kept apart from the seed's
+    assert "--rd-max-a-bits" not in quantize_args("m", parse_config("rd-w8a8-g2"), Path("c"), Path("w/q"))
+
+
 # --------------------------------------------------------------------------- feature space
 
 

@@ -81,7 +81,14 @@ class ActQuantConfig:
         bits = self.site_override(quantizer)
         if bits is None:
             return default, self
-        return bits, dataclasses.replace(self, method="minmax") if bits > 8 else self
+        return bits, self.at_bits(bits)
+
+    def at_bits(self, bits: int) -> ActQuantConfig:
+        """The config a quantizer of ``bits`` calibrates with: this one up to 8 bits, with
+        "minmax" ranges above (where rounding error is negligible and a clipped range on
+        the calibration sub-sample would be all the error). Used by ``site_bits`` and by
+        rate–distortion candidates above 8 bits."""
+        return dataclasses.replace(self, method="minmax") if bits > 8 and self.method != "minmax" else self
 
 
 def act_quantizer(samples: np.ndarray, bits: int, cfg: ActQuantConfig, split: int = 0,
