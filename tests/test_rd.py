@@ -600,7 +600,7 @@ def test_wide_activation_candidates(setup):
     acts = [c.site.key for c in curves.of_kind("act")]
     wc = rd.compute_curves(wide, None, progress=False, only=acts)
     for key in acts:
-        c, n = wc.curves[key], curves.curves[key]
+        c = wc.curves[key]
         assert c.bits == rd.act_candidates(16) and list(c.sizes) == [c.site.numel * b for b in c.bits]
         for kind in dist.DISTORTIONS:
             np.testing.assert_allclose(wc.distortion(key, kind)[:, :5], curves.distortion(key, kind), rtol=1e-5,

@@ -88,7 +88,7 @@ class ActQuantConfig:
         "minmax" ranges above (where rounding error is negligible and a clipped range on
         the calibration sub-sample would be all the error). Used by ``site_bits`` and by
         rate–distortion candidates above 8 bits."""
-        return dataclasses.replace(self, method="minmax") if bits > 8 and self.method != "minmax" else self
+        return dataclasses.replace(self, method="minmax") if bits > 8 else self
 
 
 def act_quantizer(samples: np.ndarray, bits: int, cfg: ActQuantConfig, split: int = 0,

@@ -118,6 +118,8 @@ WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 ACT_BITS = (4, 5, 6, 7, 8)
 #: The widest activation candidate a curve may hold (``CurveConfig.act_bits``).
 MAX_ACT_BITS = 16
+CURVES_FORMAT = "jaxquant-rd-curves"
+CURVES_VERSION = 1
 
 
 def act_candidates(max_bits: int = 8) -> tuple[int, ...]:
@@ -128,8 +130,6 @@ def act_candidates(max_bits: int = 8) -> tuple[int, ...]:
     if not 8 <= max_bits <= MAX_ACT_BITS:
         raise ConfigError(f"the widest activation candidate must be in 8..{MAX_ACT_BITS}, got {max_bits}")
     return tuple(sorted({*ACT_BITS, *range(10, max_bits + 1, 2), max_bits}))
-CURVES_FORMAT = "jaxquant-rd-curves"
-CURVES_VERSION = 1
 
 
 # --------------------------------------------------------------------------- sites and inputs
