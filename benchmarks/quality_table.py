@@ -78,6 +78,8 @@ Configurations are short names:
                             (--act-method minmax; default: MSE-optimal clipping)
     rd-w8a8-g2-ac16         ... activation candidates up to 16 bits (4..8, 10, 12, 14, 16; --rd-max-a-bits
                             16; curves kept apart, in rd-curves-g2-ac16): room above the average
+    rd-w4a4-g2-am2-ac16     ... and below 4 bits too (2, 3, ...; --rd-min-a-bits 2; rd-curves-g2-am2-ac16):
+                            room below an average of 4
     rd-w4a4-g10-cond        ... weight curves measured with the activations quantized as planned,
                             each point the increase over their distortion (--rd-conditional-weights;
                             in rd-curves-g10/given-acts-<digest>); -condctx: each point the error
@@ -131,7 +133,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -165,6 +167,8 @@ def parse_config(name: str) -> dict:
             cfg["min_weight_bits"] = int(part[4:])
         elif re.fullmatch(r"ac\d+", part) and m["method"] == "rd":
             cfg["max_act_bits"] = int(part[2:])
+        elif re.fullmatch(r"am\d+", part) and m["method"] == "rd":
+            cfg["min_act_bits"] = int(part[2:])
         elif re.fullmatch(r"la\d+", part) and m["method"] == "rd":
             cfg["lookahead"] = int(part[2:])
         elif part == "feat" and m["method"] == "rd":
@@ -257,10 +261,13 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
         la, feat, traj = cfg.get("lookahead"), cfg.get("features"), cfg.get("trajectory")
         curves = (f"rd-curves-g{cfg['groups']}" + ("" if la is None else f"-la{la}") + ("-traj" if traj else "")
                   + ("-feat" if feat else "") + smooth_suffix(cfg) + ("-mm" if cfg.get("act_method") == "minmax" else "")
-                  + ("-gptq" if cfg.get("gptq") else "") + (f"-ac{cfg['max_act_bits']}" if cfg.get("max_act_bits") else ""))
+                  + ("-gptq" if cfg.get("gptq") else "") + (f"-am{cfg['min_act_bits']}" if cfg.get("min_act_bits") else "")
+                  + (f"-ac{cfg['max_act_bits']}" if cfg.get("max_act_bits") else ""))
         argv += ["--distortion", cfg["distortion"], "--curves", str(out.parent / curves)]
         if cfg.get("max_act_bits"):
             argv += ["--rd-max-a-bits", str(cfg["max_act_bits"])]
+        if cfg.get("min_act_bits"):
+            argv += ["--rd-min-a-bits", str(cfg["min_act_bits"])]
         if la is not None:
             argv += ["--rd-lookahead", str(la)]
         if feat:

@@ -337,6 +337,10 @@ def _add_rd_args(p: argparse.ArgumentParser) -> None:
                    help="rd: widest activation candidate, 8..16 (default 8, the seed's 4..8); above 8 the "
                         "candidates are 10, 12, ..., B, with the calibration's full range, so that at an average "
                         "of --a-bits a few sensitive sites can be kept wider at the others' expense")
+    p.add_argument("--rd-min-a-bits", type=int, default=4, metavar="B",
+                   help="rd: narrowest activation candidate, 2..4 (default 4, the seed's 4..8); below 4 an "
+                        "average of 4 bits leaves the allocation a choice (insensitive sites narrower, so that "
+                        "sensitive ones can be wider)")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -487,7 +491,7 @@ def _rd_configs(args: argparse.Namespace, a_bits):
                                                       softmax_bits=args.softmax_bits)
     rules = load_rules(args.rules, lambda d: WeightQuantConfig(**d)) if args.rules else None
     reference = getattr(args, "rd_conditional_weights", None) or "float"
-    return wcfg, acfg, rules, CurveConfig(act_bits=act_candidates(args.rd_max_a_bits),
+    return wcfg, acfg, rules, CurveConfig(act_bits=act_candidates(args.rd_max_a_bits, args.rd_min_a_bits),
                                           inputs_per_group=args.rd_inputs, seed=args.seed,
                                           lookahead=args.rd_lookahead, features=args.rd_features,
                                           feature_output=args.rd_feature_output, trajectory=args.rd_trajectory,

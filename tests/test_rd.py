@@ -592,7 +592,7 @@ def test_wide_activation_candidates(setup):
     for bad in (7, 17):
         with pytest.raises(ConfigError, match="widest activation candidate"):
             rd.act_candidates(bad)
-    with pytest.raises(ConfigError, match="4..16"):
+    with pytest.raises(ConfigError, match="2..16"):
         rd.CurveConfig(act_bits=(4, 8, 17))
     wide_cfg = rd.CurveConfig(act_bits=rd.act_candidates(16), inputs_per_group=3, batch_size=8)
     wide = rd.RDProblem(problem.model, calib, WCFG, ACFG, RULES, wide_cfg)
@@ -635,6 +635,54 @@ def test_wide_activation_candidates(setup):
     assert np.all(np.asarray(size) >= np.asarray(narrow8[1])) and np.all(predicted <= narrow8[3])
 
 
+def test_narrow_activation_candidates(setup):
+    """Activation candidates below 4 bits (``act_candidates(8, 2)``): the 4..8 points equal
+    the seed's curves, a 2- or 3-bit quantizer is measured and built like any other, and
+    an average of 4 bits, which the seed's candidates can only meet with every site at 4,
+    now spends its budget unevenly for less predicted distortion."""
+    _, calib, _, problem, curves, _ = setup
+    assert rd.act_candidates(8, 2) == (2, 3, 4, 5, 6, 7, 8)
+    assert rd.act_candidates(12, 3) == (3, 4, 5, 6, 7, 8, 10, 12)
+    for bad in (1, 5):
+        with pytest.raises(ConfigError, match="narrowest activation candidate"):
+            rd.act_candidates(8, bad)
+    with pytest.raises(ConfigError, match="2..16"):
+        rd.CurveConfig(act_bits=(1, 4, 8))
+    narrow_cfg = rd.CurveConfig(act_bits=rd.act_candidates(8, 2), inputs_per_group=3, batch_size=8)
+    narrow = rd.RDProblem(problem.model, calib, WCFG, ACFG, RULES, narrow_cfg)
+    assert narrow.fingerprint() != problem.fingerprint()
+    acts = [c.site.key for c in curves.of_kind("act")]
+    nc = rd.compute_curves(narrow, None, progress=False, only=acts)
+    for key in acts:
+        c = nc.curves[key]
+        assert c.bits == (2, 3, 4, 5, 6, 7, 8) and list(c.sizes) == [c.site.numel * b for b in c.bits]
+        for kind in dist.DISTORTIONS:
+            np.testing.assert_allclose(nc.distortion(key, kind)[:, 2:], curves.distortion(key, kind), rtol=1e-5,
+                                       atol=1e-12)
+        d = nc.distortion(key, "mse")
+        assert np.all(d[:, 0] > d[:, 2])  # 2 bits cost more than 4
+    # A 2/3-bit single-site plan measured through the stored quantizers has its curve points.
+    key = acts[0]
+    site = nc.curves[key].site
+    plan = rd.RDPlan("mse", {}, {site.name: (2, 3)}, False, 0, 0, [], 0, [])
+    params = rd.quantize_rd(narrow, plan)
+    quant = params
+    for k in site.node:
+        quant = quant[k]
+    assert quant[site.leaf].group_bits == (2, 3)
+    sums = rd.measure_distortion(narrow, params)
+    np.testing.assert_allclose(rd.group_distortion(nc, sums), nc.distortion(key)[[0, 1], [0, 1]], rtol=1e-3)
+    # At an average of 4 bits the seed's candidates put every site at 4; narrow ones let
+    # the allocation trade, on the lower convex hull of the curves, so it predicts no more.
+    seed4 = rd.allocate_activations(curves, 4)
+    assert {b for v in seed4[0].values() for b in v} == {4}
+    bits, size, budget, predicted = rd.allocate_activations(nc, 4)
+    assert all(s <= budget for s in size) and budget == seed4[2]
+    widths = {b for v in bits.values() for b in v}
+    assert min(widths) < 4 < max(widths)
+    assert np.all(predicted <= seed4[3])
+
+
 def test_wide_activation_candidates_from_the_cli_and_the_quality_table_names():
     from pathlib import Path
 
@@ -651,6 +699,13 @@ def test_wide_activation_candidates_from_the_cli_and_the_quality_table_names():
     assert argv[argv.index("--rd-max-a-bits") + 1] == "16"
     assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g2-ac16"))  # kept apart from the seed's
     assert "--rd-max-a-bits" not in quantize_args("m", parse_config("rd-w8a8-g2"), Path("c"), Path("w/q"))
+    args = cli.build_parser().parse_args(["quantize", "M", "--out", "D", "--rd-min-a-bits", "2", "--rd-max-a-bits", "10"])
+    assert cli._rd_configs(args, 4)[3].act_bits == (2, 3, 4, 5, 6, 7, 8, 10)
+    cfg = parse_config("rd-w4a4-g2-am2-ac16")
+    assert cfg["min_act_bits"] == 2 and cfg["max_act_bits"] == 16
+    argv = quantize_args("m", cfg, Path("c"), Path("w/q"))
+    assert argv[argv.index("--rd-min-a-bits") + 1] == "2"
+    assert argv[argv.index("--curves") + 1] == str(Path("w/rd-curves-g2-am2-ac16"))
 
 
 # --------------------------------------------------------------------------- feature space

@@ -116,20 +116,26 @@ from jaxquant.search.distortion import DISTORTIONS, SSIMConfig, distortion, outp
 #: Candidate bit widths of weights and of activations (the seed's ranges, the defaults).
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 ACT_BITS = (4, 5, 6, 7, 8)
-#: The widest activation candidate a curve may hold (``CurveConfig.act_bits``).
+#: The narrowest and the widest activation candidate a curve may hold (``CurveConfig.act_bits``).
+MIN_ACT_BITS = 2
 MAX_ACT_BITS = 16
 CURVES_FORMAT = "jaxquant-rd-curves"
 CURVES_VERSION = 1
 
 
-def act_candidates(max_bits: int = 8) -> tuple[int, ...]:
-    """Activation candidate widths up to ``max_bits``: :data:`ACT_BITS` (4..8), then every
-    second width above 8 (``act_candidates(16)``: 4..8, 10, 12, 14, 16) and ``max_bits``
-    itself. Above 8 bits the curves flatten (the rounding error falls 4x per bit while the
-    clipping error is gone), so the odd widths add cost and little choice."""
+def act_candidates(max_bits: int = 8, min_bits: int = 4) -> tuple[int, ...]:
+    """Activation candidate widths from ``min_bits`` to ``max_bits``: every width from
+    ``min_bits`` to 8 (the defaults give :data:`ACT_BITS`, 4..8), then every second width
+    above 8 (``act_candidates(16)``: 4..8, 10, 12, 14, 16) and ``max_bits`` itself. Above 8
+    bits the curves flatten (the rounding error falls 4x per bit while the clipping error
+    is gone), so the odd widths add cost and little choice. Below 4 (``min_bits`` 2 or 3;
+    the seed's curves run from 1 bit) an average of 4 bits leaves the allocation a choice,
+    as widths above 8 do at an average of 8."""
     if not 8 <= max_bits <= MAX_ACT_BITS:
         raise ConfigError(f"the widest activation candidate must be in 8..{MAX_ACT_BITS}, got {max_bits}")
-    return tuple(sorted({*ACT_BITS, *range(10, max_bits + 1, 2), max_bits}))
+    if not MIN_ACT_BITS <= min_bits <= ACT_BITS[0]:
+        raise ConfigError(f"the narrowest activation candidate must be in {MIN_ACT_BITS}..{ACT_BITS[0]}, got {min_bits}")
+    return tuple(sorted({*range(min_bits, 9), *range(10, max_bits + 1, 2), max_bits}))
 
 
 # --------------------------------------------------------------------------- sites and inputs
@@ -168,12 +174,13 @@ class CurveConfig:
     """How curves are measured.
 
     Attributes:
-      weight_bits / act_bits: candidate bit widths: weights 2..8; activations 4..16
-        (:data:`MAX_ACT_BITS`). Above 8 bits an activation candidate takes the full range
-        the calibration saw (:meth:`ActQuantConfig.at_bits`). Wide activation candidates
-        give the allocation room at the top of the range: with 4..8 an average of 8 bits
-        puts every site at 8, and RD W8A8 can only equal uniform W8A8 (BENCHMARKS.md);
-        with wider candidates a few sensitive sites can be paid for by the others.
+      weight_bits / act_bits: candidate bit widths: weights 2..8; activations 2..16
+        (:data:`MIN_ACT_BITS`, :data:`MAX_ACT_BITS`; the seed's 4..8 by default). Above 8
+        bits an activation candidate takes the full range the calibration saw
+        (:meth:`ActQuantConfig.at_bits`). Candidates beyond 4..8 give the allocation room
+        at the ends of the range: with 4..8 an average of 8 bits puts every site at 8 (and
+        RD W8A8 can only equal uniform W8A8, BENCHMARKS.md), an average of 4 every site at
+        4; with wider candidates a few sensitive sites can be paid for by the others.
       inputs_per_group: calibration inputs ``(x_t, t)`` drawn per timestep group (the
         seed uses 50 images in all); for a guided class-conditional model each is used
         twice, with its class and with the unconditional label, as guided sampling does.
@@ -217,8 +224,8 @@ class CurveConfig:
     def __post_init__(self):
         if not self.weight_bits or any(not 2 <= b <= 8 for b in self.weight_bits):
             raise ConfigError(f"weight candidate bits must be in 2..8, got {self.weight_bits}")
-        if not self.act_bits or any(not 4 <= b <= MAX_ACT_BITS for b in self.act_bits):
-            raise ConfigError(f"activation candidate bits must be in 4..{MAX_ACT_BITS}, got {self.act_bits}")
+        if not self.act_bits or any(not MIN_ACT_BITS <= b <= MAX_ACT_BITS for b in self.act_bits):
+            raise ConfigError(f"activation candidate bits must be in {MIN_ACT_BITS}..{MAX_ACT_BITS}, got {self.act_bits}")
         if self.inputs_per_group < 1 or self.batch_size < 1:
             raise ConfigError("inputs_per_group and batch_size must be positive")
         if self.lookahead is not None and (isinstance(self.lookahead, bool) or int(self.lookahead) != self.lookahead
