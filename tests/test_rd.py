@@ -579,6 +579,27 @@ def test_lookahead_from_the_cli_and_the_quality_table_names():
     assert "--rd-lookahead" not in plain and plain[plain.index("--curves") + 1] == str(Path("w/rd-curves-g10"))
 
 
+def _extended_act_curves(setup, act_bits):
+    """``(problem, curves, activation keys)`` of the setup's activation sites measured with
+    the candidates ``act_bits`` (a superset of the seed's 4..8); checks that the new
+    problem is never resumed from the seed's curves, that each curve has the candidates and
+    their sizes, and that its 4..8 points equal the seed's."""
+    _, calib, _, problem, curves, _ = setup
+    cfg = rd.CurveConfig(act_bits=act_bits, inputs_per_group=3, batch_size=8)
+    ext = rd.RDProblem(problem.model, calib, WCFG, ACFG, RULES, cfg)
+    assert ext.fingerprint() != problem.fingerprint()
+    acts = [c.site.key for c in curves.of_kind("act")]
+    ec = rd.compute_curves(ext, None, progress=False, only=acts)
+    seed_cols = [act_bits.index(b) for b in rd.ACT_BITS]
+    for key in acts:
+        c = ec.curves[key]
+        assert c.bits == act_bits and list(c.sizes) == [c.site.numel * b for b in c.bits]
+        for kind in dist.DISTORTIONS:
+            np.testing.assert_allclose(ec.distortion(key, kind)[:, seed_cols], curves.distortion(key, kind),
+                                       rtol=1e-5, atol=1e-12)
+    return ext, ec, acts
+
+
 def test_wide_activation_candidates(setup):
     """Activation candidates above 8 bits (``act_candidates(16)``): the 4..8 points equal
     the seed's curves, the wide ones use the calibration's full range and are measured
@@ -586,7 +607,7 @@ def test_wide_activation_candidates(setup):
     from jaxquant.quant.activation import range_to_scale_zero
     from jaxquant.quant.quantize import site_extremes
 
-    _, calib, _, problem, curves, _ = setup
+    _, calib, _, _, curves, _ = setup
     assert rd.act_candidates(8) == rd.ACT_BITS and rd.act_candidates(16) == (4, 5, 6, 7, 8, 10, 12, 14, 16)
     assert rd.act_candidates(11) == (4, 5, 6, 7, 8, 10, 11)
     for bad in (7, 17):
@@ -594,19 +615,10 @@ def test_wide_activation_candidates(setup):
             rd.act_candidates(bad)
     with pytest.raises(ConfigError, match="2..16"):
         rd.CurveConfig(act_bits=(4, 8, 17))
-    wide_cfg = rd.CurveConfig(act_bits=rd.act_candidates(16), inputs_per_group=3, batch_size=8)
-    wide = rd.RDProblem(problem.model, calib, WCFG, ACFG, RULES, wide_cfg)
-    assert wide.fingerprint() != problem.fingerprint()  # never resumed from the seed's curves
-    acts = [c.site.key for c in curves.of_kind("act")]
-    wc = rd.compute_curves(wide, None, progress=False, only=acts)
+    wide, wc, acts = _extended_act_curves(setup, rd.act_candidates(16))
     for key in acts:
-        c = wc.curves[key]
-        assert c.bits == rd.act_candidates(16) and list(c.sizes) == [c.site.numel * b for b in c.bits]
-        for kind in dist.DISTORTIONS:
-            np.testing.assert_allclose(wc.distortion(key, kind)[:, :5], curves.distortion(key, kind), rtol=1e-5,
-                                       atol=1e-12)
         d = wc.distortion(key, "mse")
-        assert np.all(d[:, -1] < d[:, c.bits.index(8)])  # 16 bits with the full range beat 8 with clipping
+        assert np.all(d[:, -1] < d[:, wc.curves[key].bits.index(8)])  # 16 bits, full range, beat 8 with clipping
     # Above 8 bits a candidate's range is the full range the calibration saw, at every group.
     site = next(s for s in wide.sites if s.key == acts[0])
     lo, hi = site_extremes(calib, site.name, wide._merges_parts(site))
@@ -640,7 +652,7 @@ def test_narrow_activation_candidates(setup):
     the seed's curves, a 2- or 3-bit quantizer is measured and built like any other, and
     an average of 4 bits, which the seed's candidates can only meet with every site at 4,
     now spends its budget unevenly for less predicted distortion."""
-    _, calib, _, problem, curves, _ = setup
+    curves = setup[4]
     assert rd.act_candidates(8, 2) == (2, 3, 4, 5, 6, 7, 8)
     assert rd.act_candidates(12, 3) == (3, 4, 5, 6, 7, 8, 10, 12)
     for bad in (1, 5):
@@ -648,17 +660,8 @@ def test_narrow_activation_candidates(setup):
             rd.act_candidates(8, bad)
     with pytest.raises(ConfigError, match="2..16"):
         rd.CurveConfig(act_bits=(1, 4, 8))
-    narrow_cfg = rd.CurveConfig(act_bits=rd.act_candidates(8, 2), inputs_per_group=3, batch_size=8)
-    narrow = rd.RDProblem(problem.model, calib, WCFG, ACFG, RULES, narrow_cfg)
-    assert narrow.fingerprint() != problem.fingerprint()
-    acts = [c.site.key for c in curves.of_kind("act")]
-    nc = rd.compute_curves(narrow, None, progress=False, only=acts)
+    narrow, nc, acts = _extended_act_curves(setup, rd.act_candidates(8, 2))
     for key in acts:
-        c = nc.curves[key]
-        assert c.bits == (2, 3, 4, 5, 6, 7, 8) and list(c.sizes) == [c.site.numel * b for b in c.bits]
-        for kind in dist.DISTORTIONS:
-            np.testing.assert_allclose(nc.distortion(key, kind)[:, 2:], curves.distortion(key, kind), rtol=1e-5,
-                                       atol=1e-12)
         d = nc.distortion(key, "mse")
         assert np.all(d[:, 0] > d[:, 2])  # 2 bits cost more than 4
     # A 2/3-bit single-site plan measured through the stored quantizers has its curve points.

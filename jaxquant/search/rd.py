@@ -135,7 +135,8 @@ def act_candidates(max_bits: int = 8, min_bits: int = 4) -> tuple[int, ...]:
         raise ConfigError(f"the widest activation candidate must be in 8..{MAX_ACT_BITS}, got {max_bits}")
     if not MIN_ACT_BITS <= min_bits <= ACT_BITS[0]:
         raise ConfigError(f"the narrowest activation candidate must be in {MIN_ACT_BITS}..{ACT_BITS[0]}, got {min_bits}")
-    return tuple(sorted({*range(min_bits, 9), *range(10, max_bits + 1, 2), max_bits}))
+    top = ACT_BITS[-1]
+    return tuple(sorted({*range(min_bits, top + 1), *range(top + 2, max_bits + 1, 2), max_bits}))
 
 
 # --------------------------------------------------------------------------- sites and inputs
