@@ -133,7 +133,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-slK][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -190,6 +190,8 @@ def parse_config(name: str) -> dict:
         elif re.fullmatch(r"un[1-9]\d*s\d+", part):
             k, n = part[2:].split("s")
             cfg["unroll"], cfg["unroll_steps"] = int(k), int(n)
+        elif re.fullmatch(r"sl\d*", part):
+            cfg["network_step_loss"] = int(part[2:] or 1)
         elif re.fullmatch(r"sd\d+", part):
             cfg["network_seed"] = int(part[2:])
         elif re.fullmatch(r"ema\d+", part):
@@ -212,6 +214,10 @@ def parse_config(name: str) -> dict:
             raise SystemExit(f"bad configuration {name!r}: unknown part {part!r}")
     if "unroll" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -unKsN continues the network stage; it needs -netN")
+    if "network_step_loss" in cfg and not cfg.get("network_steps"):
+        raise SystemExit(f"bad configuration {name!r}: -slK sets the network stage's loss; it needs -netN")
+    if "network_step_loss" in cfg and ("unroll" in cfg or "network_min_snr" in cfg):
+        raise SystemExit(f"bad configuration {name!r}: -slK is not combined with -unKsN or -msG")
     if "network_seed" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -sdK seeds the network stage; it needs -netN")
     if "network_ema" in cfg and not cfg.get("network_steps"):
@@ -303,8 +309,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name),
-            re.sub(r"-((net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?)", "", name))
+    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|sl\d*(?=-|$))", "", name),
+            re.sub(r"-((net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|sl\d*(?=-|$))", "", name))
 
 
 def network_name(name: str) -> str:
@@ -324,14 +330,17 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
 
 def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1,
                  lr: float = NETWORK_LR, min_snr_gamma: float | None = None, seed: int = 0,
-                 ema: float | None = None) -> list[str]:
+                 ema: float | None = None, step_loss: bool = False) -> list[str]:
     """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration, or
     of its ``-unKsN`` continuation (``unroll`` K, ``lr`` UNROLL_LR; ``-un1sN``: the one-step
     loss at that rate, the control); ``-msG``: pairs weighted by Min-SNR with ``G``; ``-sdK``:
     ``seed`` K (minibatch order and held-out pairs; 0 is the CLI's default); ``-emaD``: the
-    moving average of the iterates with decay ``0.D`` (``ema``)."""
+    moving average of the iterates with decay ``0.D`` (``ema``); ``-slK``: the loss on the
+    DDIM state after ``K`` steps, x0's clip included (``step_loss``, ``unroll`` K; for
+    ``K > 1`` at UNROLL_LR)."""
     return (["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
              "--lr", str(lr), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
+            + (["--step-loss"] if step_loss else [])
             + (["--min-snr-gamma", f"{min_snr_gamma:g}"] if min_snr_gamma is not None else [])
             + (["--seed", str(seed)] if seed else []) + (["--ema", f"{ema:g}"] if ema is not None else []))
 
@@ -438,9 +447,11 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                 net_calib = calibrated(of, cfg["groups"], network_calib_dir(cfg, work, tuned_from.name), k,
                                        xtx=False)
             if not (networked / "config.json").is_file():
+                k_step = cfg.get("network_step_loss")
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
-                                    min_snr_gamma=cfg.get("network_min_snr"),
-                                    seed=cfg.get("network_seed", 0), ema=cfg.get("network_ema"))) != 0:
+                                    unroll=k_step or 1, lr=UNROLL_LR if (k_step or 1) > 1 else NETWORK_LR,
+                                    min_snr_gamma=cfg.get("network_min_snr"), seed=cfg.get("network_seed", 0),
+                                    ema=cfg.get("network_ema"), step_loss=bool(k_step))) != 0:
                     raise SystemExit(f"end-to-end tuning {name} failed")
                 stages.append("network")
             if "unroll" in cfg:
@@ -448,6 +459,9 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                     raise SystemExit(f"unrolled end-to-end tuning {name} failed")
                 stages.append("unrolled")
     t_quant = time.time() - t0
+    if getattr(args, "build_only", False):
+        print(f"{name}: built {qdir} ({', '.join(stages) or 'nothing new'}; {t_quant:.0f} s)")
+        return None
     model = jaxquant.load(str(qdir))
     rep = storage_report(model.params)
     if cfg.get("float_acts"):
@@ -516,6 +530,9 @@ def main() -> None:
     ap.add_argument("--features", nargs="+", default=["fmnist"])
     ap.add_argument("--work", default=None, help="samples, calibrations, quantized models (default runs/quality/MODEL)")
     ap.add_argument("--out", default=None, help="JSON result (default benchmarks/results/quality_MODEL.json)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build the configurations' model directories (calibrations, quantization, tuning "
+                         "stages) and stop: nothing is sampled, evaluated or recorded")
     args = ap.parse_args()
     for c in args.configs:
         parse_config(c)
@@ -542,6 +559,9 @@ def main() -> None:
             continue
         print(f"== {name}")
         xla.release_compiled_if_crowded()  # each configuration compiles its own sampler, quantizer, ...
+        if args.build_only:
+            run_config(name, args, work)
+            continue
         # each row names its own day and machine: its timings (quantize_s, images_per_s) are
         # only comparable with rows of the same machine
         row = {**run_config(name, args, work), "date": time.strftime("%Y-%m-%d"), "machine": machine()}

@@ -642,7 +642,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                      load_calibration(args.calib), steps=args.steps, lr=lr,
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
                                      eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks,
-                                     unroll=args.unroll, min_snr_gamma=args.min_snr_gamma, ema=args.ema)
+                                     unroll=args.unroll, step_loss=args.step_loss,
+                                     min_snr_gamma=args.min_snr_gamma, ema=args.ema)
     meta = qmodel.meta
     earlier = list(meta.extra.get("finetune_earlier", []))
     if "finetune" in meta.extra:  # a model tuned before (blocks, then the network): keep that record too
@@ -652,6 +653,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                              "lr_relative": not args.absolute_lr, "batch": args.batch,
                                              "seed": args.seed, "blocks": [r["block"] for r in records],
                                              **({"unroll": args.unroll} if args.unroll != 1 else {}),
+                                             **({"step_loss": True} if args.step_loss else {}),
                                              **({"min_snr_gamma": args.min_snr_gamma}
                                                 if args.min_snr_gamma is not None else {}),
                                              **({"ema": args.ema} if args.ema is not None else {})}}
@@ -660,7 +662,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     save_model_dir(args.out, meta, params)
     (Path(args.out) / "finetune.json").write_text(json.dumps(records, indent=1))
     for r in records:
-        what = f"{r['unroll']}-step unrolled error" if "unroll" in r else "block output error"
+        what = f"{r['unroll']}-step DDIM state error" if "unroll" in r else "block output error"
         print(f"{r['block']:<24} {what} {r['error_before']:.4g} -> {r['error_after']:.4g}"
               + ("" if r["kept"] else " (not lower: kept as it was)") + f"  {r['seconds']:.0f} s")
         if "unroll" in r:
@@ -938,6 +940,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "sampler from each calibration input (the quantized and the float model each from its own "
                     "state, gradients through all K), charging the model for the state errors it hands on "
                     "(default 1: one model call per pair)")
+    ft.add_argument("--step-loss", action="store_true",
+                    help="with --blocks network: the loss is the error of the DDIM state after --unroll steps, the "
+                    "sampler's clip of x0 included, also for one step (implied by --unroll above 1; default for "
+                    "one step: the error of the model's eps, which does not see the clip)")
     ft.add_argument("--min-snr-gamma", type=float, default=None, metavar="G",
                     help="weight each calibration pair's error by min(SNR_t, G)/SNR_t (Min-SNR weighting), so the "
                     "nearly clean last steps, whose eps the sampler scales by ~0.01, stop ruling the loss "

@@ -246,6 +246,36 @@ def test_network_stage_with_an_unrolled_loss(quantized, calib):
         finetune_model(q, q.params, m.params, calib, steps=1, unroll=2, progress=False)
 
 
+def test_network_stage_with_a_one_step_ddim_loss(quantized, calib):
+    """step_loss with unroll = 1: the stage takes the DDIM-step path (record ``unroll`` 1,
+    ``step_loss``), its held-out error falls, and where the sampler's clip binds it is not the
+    one-step ε error (on a schedule without the clip the term is that error: see the long-way
+    test); misuse is refused."""
+    import dataclasses
+
+    from jaxquant.diffusion.samplers import ddim_eps_coefficient
+
+    m, q = quantized
+    tuned, rec = finetune_block(q, q.params, m.params, NETWORK, calib, steps=12, lr=3e-3, batch_size=4,
+                                eval_pairs=8, lr_relative=True, step_loss=True)
+    assert rec["unroll"] == 1 and rec["step_loss"] and rec["kept"] and rec["error_after"] < rec["error_before"]
+    # the clip binds on this calibration: one clipped step's term differs from the ε error
+    x, ts, tps = _unroll_inputs(calib, 0, 1, 4)
+    coef = jnp.asarray(ddim_eps_coefficient(q.schedule, ts, tps), jnp.float32)
+    a, b = _unrolled_errors(q.apply, q.schedule, q.params, m.params, x, jnp.asarray(ts), jnp.asarray(tps), coef,
+                            None)
+    plain = dataclasses.replace(q.schedule, clip_sample=False)
+    a0, b0 = _unrolled_errors(q.apply, plain, q.params, m.params, x, jnp.asarray(ts), jnp.asarray(tps), coef, None)
+    assert q.schedule.clip_sample and abs(float(a[0] / b[0]) / float(a0[0] / b0[0]) - 1) > 0.05
+    for kw in (dict(block="mid_block"), dict(block=NETWORK, code_update_every=2),
+               dict(block=NETWORK, min_snr_gamma=2.0)):
+        block = kw.pop("block")
+        with pytest.raises(ConfigError):
+            finetune_block(q, q.params, m.params, block, calib, steps=1, step_loss=True, **kw)
+    with pytest.raises(ConfigError, match="DDIM-step loss"):
+        finetune_model(q, q.params, m.params, calib, steps=1, step_loss=True, progress=False)
+
+
 @pytest.mark.parametrize("unroll", [1, 2])
 def test_network_stage_keeps_the_average_of_its_iterates(quantized, calib, monkeypatch, unroll):
     """ema = d: the tuned values are Σ_s d^(T-s)·θ_s / Σ_s d^(T-s) over the Adam iterates,
@@ -316,7 +346,7 @@ def test_cli_finetune(model_dir, calib, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["finetune", str(out), "--calib", str(cal), "--steps", "3", "--batch", "4", "--blocks", "network",
                      "--unroll", "2", "--out", str(tmp_path / "un")]) == 0
-    assert "2-step unrolled error" in capsys.readouterr().out
+    assert "2-step DDIM state error" in capsys.readouterr().out
     un = jaxquant.load(tmp_path / "un")
     assert un.meta.extra["finetune"]["unroll"] == 2 and un.meta.extra["finetune_earlier"][0]["steps"] == 6
     assert cli.main(["finetune", str(qdir), "--calib", str(cal), "--steps", "3", "--unroll", "2",
@@ -465,6 +495,31 @@ def test_quality_table_names_for_the_unrolled_network_stage():
     assert (plain.unroll, plain.lr) == (1, NETWORK_LR)
     with pytest.raises(SystemExit):
         parse_config("aq-w2a8-ft100-rec300-un3s400")
+
+
+def test_quality_table_names_for_the_ddim_step_loss():
+    """-slK: the network stage's loss is the DDIM state after K steps (one step at the
+    network rate, more at the unrolled rate); the model it starts from is the name without it."""
+    from pathlib import Path
+
+    from benchmarks.quality_table import NETWORK_LR, UNROLL_LR, network_args, parse_config, stage_names
+
+    name = "aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256-ema995-sl"
+    cfg = parse_config(name)
+    assert cfg["network_step_loss"] == 1 and cfg["network_ema"] == 0.995
+    assert stage_names(name) == ("aq-w4a8-ft100-sens-rmin1", "aq-w4a8-ft100-sens-rmin1-rec300")
+    assert stage_names(name.replace("-sl", "-sl3-sd1"))[1] == "aq-w4a8-ft100-sens-rmin1-rec300"
+    assert parse_config(name.replace("-sl", "-sl3"))["network_step_loss"] == 3
+    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), step_loss=True))
+    assert (args.step_loss, args.unroll, args.lr) == (True, 1, NETWORK_LR)
+    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), 3, UNROLL_LR,
+                                                      step_loss=True))
+    assert (args.step_loss, args.unroll, args.lr) == (True, 3, UNROLL_LR)
+    assert not cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"))).step_loss
+    for bad in ("aq-w4a8-ft100-rec300-sl", "aq-w4a8-ft100-rec300-net600-sl-un3s400",
+                "aq-w4a8-ft100-rec300-net600-ms5-sl"):
+        with pytest.raises(SystemExit):
+            parse_config(bad)
 
 
 def test_sample_drift_drops_the_activation_quantizers_a_pattern_names(quantized):
