@@ -336,8 +336,9 @@ def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int
     loss at that rate, the control); ``-msG``: pairs weighted by Min-SNR with ``G``; ``-sdK``:
     ``seed`` K (minibatch order and held-out pairs; 0 is the CLI's default); ``-emaD``: the
     moving average of the iterates with decay ``0.D`` (``ema``); ``-slK``: the loss on the
-    DDIM state after ``K`` steps, x0's clip included (``step_loss``, ``unroll`` K; for
-    ``K > 1`` at UNROLL_LR)."""
+    DDIM state after ``K`` steps, x0's clip included (``step_loss``, ``unroll`` K), at
+    UNROLL_LR: at NETWORK_LR the one-step state loss's minibatch values spiked as the
+    unrolled loss's did (ddpm-fmnist AQ W4A8, 2026-12-07)."""
     return (["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
              "--lr", str(lr), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
             + (["--step-loss"] if step_loss else [])
@@ -449,7 +450,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
             if not (networked / "config.json").is_file():
                 k_step = cfg.get("network_step_loss")
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
-                                    unroll=k_step or 1, lr=UNROLL_LR if (k_step or 1) > 1 else NETWORK_LR,
+                                    unroll=k_step or 1, lr=UNROLL_LR if k_step else NETWORK_LR,
                                     min_snr_gamma=cfg.get("network_min_snr"), seed=cfg.get("network_seed", 0),
                                     ema=cfg.get("network_ema"), step_loss=bool(k_step))) != 0:
                     raise SystemExit(f"end-to-end tuning {name} failed")
@@ -572,8 +573,9 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(format_table(result))
-    print(format_table(result))
-    print(f"wrote {out}")
+    if not args.build_only:
+        print(format_table(result))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

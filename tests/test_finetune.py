@@ -498,8 +498,8 @@ def test_quality_table_names_for_the_unrolled_network_stage():
 
 
 def test_quality_table_names_for_the_ddim_step_loss():
-    """-slK: the network stage's loss is the DDIM state after K steps (one step at the
-    network rate, more at the unrolled rate); the model it starts from is the name without it."""
+    """-slK: the network stage's loss is the DDIM state after K steps, at the unrolled loss's
+    rate; the model it starts from is the name without it."""
     from pathlib import Path
 
     from benchmarks.quality_table import NETWORK_LR, UNROLL_LR, network_args, parse_config, stage_names
@@ -510,12 +510,14 @@ def test_quality_table_names_for_the_ddim_step_loss():
     assert stage_names(name) == ("aq-w4a8-ft100-sens-rmin1", "aq-w4a8-ft100-sens-rmin1-rec300")
     assert stage_names(name.replace("-sl", "-sl3-sd1"))[1] == "aq-w4a8-ft100-sens-rmin1-rec300"
     assert parse_config(name.replace("-sl", "-sl3"))["network_step_loss"] == 3
-    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), step_loss=True))
-    assert (args.step_loss, args.unroll, args.lr) == (True, 1, NETWORK_LR)
+    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), lr=UNROLL_LR,
+                                                      step_loss=True))
+    assert (args.step_loss, args.unroll, args.lr) == (True, 1, UNROLL_LR)
     args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), 3, UNROLL_LR,
                                                       step_loss=True))
     assert (args.step_loss, args.unroll, args.lr) == (True, 3, UNROLL_LR)
-    assert not cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"))).step_loss
+    plain = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o")))
+    assert (plain.step_loss, plain.lr) == (False, NETWORK_LR)
     for bad in ("aq-w4a8-ft100-rec300-sl", "aq-w4a8-ft100-rec300-net600-sl-un3s400",
                 "aq-w4a8-ft100-rec300-net600-ms5-sl"):
         with pytest.raises(SystemExit):
