@@ -133,7 +133,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-slK][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-sl|-slb[K]][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -190,8 +190,10 @@ def parse_config(name: str) -> dict:
         elif re.fullmatch(r"un[1-9]\d*s\d+", part):
             k, n = part[2:].split("s")
             cfg["unroll"], cfg["unroll_steps"] = int(k), int(n)
-        elif re.fullmatch(r"sl\d*", part):
-            cfg["network_step_loss"] = int(part[2:] or 1)
+        elif (sl := re.fullmatch(r"sl(b?)(\d*)", part)):
+            cfg["network_step_loss"] = int(sl[2] or 1)
+            if sl[1]:
+                cfg["network_balance_steps"] = True
         elif re.fullmatch(r"sd\d+", part):
             cfg["network_seed"] = int(part[2:])
         elif re.fullmatch(r"ema\d+", part):
@@ -309,8 +311,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|sl\d*(?=-|$))", "", name),
-            re.sub(r"-((net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|sl\d*(?=-|$))", "", name))
+    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name),
+            re.sub(r"-((net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name))
 
 
 def network_name(name: str) -> str:
@@ -330,7 +332,7 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
 
 def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1,
                  lr: float = NETWORK_LR, min_snr_gamma: float | None = None, seed: int = 0,
-                 ema: float | None = None, step_loss: bool = False) -> list[str]:
+                 ema: float | None = None, step_loss: bool = False, balance_steps: bool = False) -> list[str]:
     """The ``jaxquant finetune --blocks network`` command line of a ``-netN`` configuration, or
     of its ``-unKsN`` continuation (``unroll`` K, ``lr`` UNROLL_LR; ``-un1sN``: the one-step
     loss at that rate, the control); ``-msG``: pairs weighted by Min-SNR with ``G``; ``-sdK``:
@@ -338,10 +340,11 @@ def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int
     moving average of the iterates with decay ``0.D`` (``ema``); ``-slK``: the loss on the
     DDIM state after ``K`` steps, x0's clip included (``step_loss``, ``unroll`` K), at
     UNROLL_LR: at NETWORK_LR the one-step state loss's minibatch values spiked as the
-    unrolled loss's did (ddpm-fmnist AQ W4A8, 2026-12-07)."""
+    unrolled loss's did (ddpm-fmnist AQ W4A8, 2026-12-07); ``-slbK``: with each sampler
+    step's term divided by its value before the stage (``balance_steps``)."""
     return (["finetune", str(qdir), "--calib", str(calib_dir), "--blocks", "network", "--steps", str(steps),
              "--lr", str(lr), "--out", str(out)] + (["--unroll", str(unroll)] if unroll != 1 else [])
-            + (["--step-loss"] if step_loss else [])
+            + (["--step-loss"] if step_loss else []) + (["--balance-steps"] if balance_steps else [])
             + (["--min-snr-gamma", f"{min_snr_gamma:g}"] if min_snr_gamma is not None else [])
             + (["--seed", str(seed)] if seed else []) + (["--ema", f"{ema:g}"] if ema is not None else []))
 
@@ -452,7 +455,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
                                     unroll=k_step or 1, lr=UNROLL_LR if k_step else NETWORK_LR,
                                     min_snr_gamma=cfg.get("network_min_snr"), seed=cfg.get("network_seed", 0),
-                                    ema=cfg.get("network_ema"), step_loss=bool(k_step))) != 0:
+                                    ema=cfg.get("network_ema"), step_loss=bool(k_step),
+                                    balance_steps=cfg.get("network_balance_steps", False))) != 0:
                     raise SystemExit(f"end-to-end tuning {name} failed")
                 stages.append("network")
             if "unroll" in cfg:

@@ -643,6 +643,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                      lr_relative=not args.absolute_lr, batch_size=args.batch,
                                      eval_pairs=args.eval_pairs, key=args.seed, blocks=args.blocks,
                                      unroll=args.unroll, step_loss=args.step_loss,
+                                     balance_steps=args.balance_steps,
                                      min_snr_gamma=args.min_snr_gamma, ema=args.ema)
     meta = qmodel.meta
     earlier = list(meta.extra.get("finetune_earlier", []))
@@ -654,6 +655,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                              "seed": args.seed, "blocks": [r["block"] for r in records],
                                              **({"unroll": args.unroll} if args.unroll != 1 else {}),
                                              **({"step_loss": True} if args.step_loss else {}),
+                                             **({"balance_steps": True} if args.balance_steps else {}),
                                              **({"min_snr_gamma": args.min_snr_gamma}
                                                 if args.min_snr_gamma is not None else {}),
                                              **({"ema": args.ema} if args.ema is not None else {})}}
@@ -944,6 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --blocks network: the loss is the error of the DDIM state after --unroll steps, the "
                     "sampler's clip of x0 included, also for one step (implied by --unroll above 1; default for "
                     "one step: the error of the model's eps, which does not see the clip)")
+    ft.add_argument("--balance-steps", action="store_true",
+                    help="with --step-loss or --unroll: divide each sampler step's term by its value before the "
+                    "stage, so that every step counts alike (unbalanced, the last step's error rules the loss)")
     ft.add_argument("--min-snr-gamma", type=float, default=None, metavar="G",
                     help="weight each calibration pair's error by min(SNR_t, G)/SNR_t (Min-SNR weighting), so the "
                     "nearly clean last steps, whose eps the sampler scales by ~0.01, stop ruling the loss "

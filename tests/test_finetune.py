@@ -276,6 +276,31 @@ def test_network_stage_with_a_one_step_ddim_loss(quantized, calib):
         finetune_model(q, q.params, m.params, calib, steps=1, step_loss=True, progress=False)
 
 
+def test_network_stage_with_balanced_steps(quantized, calib):
+    """balance_steps: each start step's term is divided by its value before the stage, here
+    recomputed for the first start step from the training starts the stage measures it on
+    (up to 32 per step); the held-out error then starts near 1; misuse is refused."""
+    from jaxquant.diffusion.samplers import ddim_eps_coefficient
+    from jaxquant.quant.aq_model import _split_pool
+
+    m, q = quantized
+    tuned, rec = finetune_block(q, q.params, m.params, NETWORK, calib, steps=12, lr=3e-3, batch_size=4,
+                                eval_pairs=8, lr_relative=True, step_loss=True, balance_steps=True)
+    n_steps, n_traj = calib.inputs.shape[:2]
+    assert rec["balance_steps"] and len(rec["step_scales"]) == n_steps and rec["kept"]
+    assert rec["error_after"] < rec["error_before"] and 0.3 < rec["error_before"] < 3
+    _, pool, bs = _split_pool(n_steps * n_traj, 8, _network_seed(), 4)
+    members = np.sort((pool[pool // n_traj == 0] % n_traj)[:32])
+    x, ts, tps = _unroll_inputs(calib, 0, 1, n_traj)
+    coef = jnp.asarray(ddim_eps_coefficient(q.schedule, ts, tps), jnp.float32)
+    a, b = _unrolled_errors(q.apply, q.schedule, q.params, m.params, x[members], jnp.asarray(ts), jnp.asarray(tps),
+                            coef, None)
+    np.testing.assert_allclose(rec["step_scales"][0], float(a[0] / b[0]), rtol=1e-4)
+    assert len(set(np.round(rec["step_scales"], 8))) > 1
+    with pytest.raises(ConfigError, match="balance_steps"):
+        finetune_block(q, q.params, m.params, NETWORK, calib, steps=1, balance_steps=True)
+
+
 @pytest.mark.parametrize("unroll", [1, 2])
 def test_network_stage_keeps_the_average_of_its_iterates(quantized, calib, monkeypatch, unroll):
     """ema = d: the tuned values are Σ_s d^(T-s)·θ_s / Σ_s d^(T-s) over the Adam iterates,
@@ -510,6 +535,13 @@ def test_quality_table_names_for_the_ddim_step_loss():
     assert stage_names(name) == ("aq-w4a8-ft100-sens-rmin1", "aq-w4a8-ft100-sens-rmin1-rec300")
     assert stage_names(name.replace("-sl", "-sl3-sd1"))[1] == "aq-w4a8-ft100-sens-rmin1-rec300"
     assert parse_config(name.replace("-sl", "-sl3"))["network_step_loss"] == 3
+    assert "network_balance_steps" not in cfg
+    balanced = parse_config(name.replace("-sl", "-slb3"))
+    assert (balanced["network_step_loss"], balanced["network_balance_steps"]) == (3, True)
+    assert stage_names(name.replace("-sl", "-slb"))[1] == "aq-w4a8-ft100-sens-rmin1-rec300"
+    args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), step_loss=True,
+                                                      balance_steps=True))
+    assert args.step_loss and args.balance_steps
     args = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o"), lr=UNROLL_LR,
                                                       step_loss=True))
     assert (args.step_loss, args.unroll, args.lr) == (True, 1, UNROLL_LR)
