@@ -1092,12 +1092,17 @@ def finetune_block(
     return (tuned if kept else params), rec
 
 
+def _state_loss_name(unroll: int) -> str:
+    """How errors name the network stage's DDIM-state loss of ``unroll`` steps."""
+    return f"an unrolled loss (unroll = {unroll})" if unroll != 1 else "a DDIM-step loss (step_loss)"
+
+
 def _check_unroll(block: str, unroll: int, code_update_every: int, calib, step_loss: bool = False) -> None:
     if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
         raise ConfigError(f"unroll must be a positive integer, got {unroll!r}")
     if unroll == 1 and not step_loss:
         return
-    what = f"an unrolled loss (unroll = {unroll})" if unroll > 1 else "a DDIM-step loss (step_loss)"
+    what = _state_loss_name(unroll)
     if block != NETWORK:
         raise ConfigError(f"{what} tunes the whole network: use block {NETWORK!r}, not {block!r}")
     if code_update_every:
@@ -1315,8 +1320,7 @@ def finetune_model(
     """
     names = model_blocks(params) if blocks is None else list(blocks)
     if (unroll != 1 or step_loss) and names != [NETWORK]:
-        what = f"an unrolled loss (unroll = {unroll})" if unroll != 1 else "a DDIM-step loss (step_loss)"
-        raise ConfigError(f"{what} is for the end-to-end stage alone: blocks must be [{NETWORK!r}], got {names}")
+        raise ConfigError(f"{_state_loss_name(unroll)} is for the end-to-end stage alone: blocks must be [{NETWORK!r}], got {names}")
     records: list[dict] = []
     bar = tqdm(names, desc="fine-tuning blocks", unit="block", disable=not progress)
     for block in bar:
