@@ -72,6 +72,8 @@ Configurations are short names:
                             not rule its loss
     ...-net600-nq256-sd1    ... the network stage run with --seed 1 (its minibatch order and held-out
                             pairs): a second build of the same configuration, for the spread
+    ...-nq256-slb-lr1e3     ... the network stage at learning rate 1e-3 instead of its default
+                            (NETWORK_LR, or UNROLL_LR with -slK; jaxquant finetune --lr 1e-3)
     ...-net600-nq256-ema995 ... the network stage keeps the moving average of its Adam iterates with
                             decay 0.995 (jaxquant finetune --ema 0.995) instead of the last iterate
     uniform-w8a8-mm         activation ranges from the calibration's full range, no clipping
@@ -133,7 +135,7 @@ def parse_config(name: str) -> dict:
         return {"method": "fp"}
     m = _SPEC.fullmatch(name)
     if m is None:
-        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-sl|-slb[K]][-unKsN][-ncK|-nqK][-msG][-sdK][-fa|-faSET][-aBSET] "
+        raise SystemExit(f"bad configuration {name!r}: expected fp or METHOD-wWaA[-gG][-ssim][-wminB][-amN][-acN][-laK][-traj][-feat][-cond|-condctx][-ftN][-cuN][-itN][-sens|-count][-rminR][-plm][-smNN|-smNNfr|-smauto|-smautom][-mm][-gptq][-recN][-netN][-sl|-slb[K]][-unKsN][-ncK|-nqK][-msG][-sdK][-lrNeM][-fa|-faSET][-aBSET] "
                          "(e.g. uniform-w4a8-g4, aq-w2a8-ft100)")
     cfg = {"method": m["method"], "w_bits": int(m["w"]), "a_bits": None if m["a"] == "f" else int(m["a"]),
            "groups": 1, "distortion": "mse", "finetune_steps": 0}
@@ -196,6 +198,8 @@ def parse_config(name: str) -> dict:
                 cfg["network_balance_steps"] = True
         elif re.fullmatch(r"sd\d+", part):
             cfg["network_seed"] = int(part[2:])
+        elif re.fullmatch(r"lr[1-9]e\d+", part):
+            cfg["network_lr"] = float(part[2:].replace("e", "e-"))
         elif re.fullmatch(r"ema\d+", part):
             cfg["network_ema"] = float("0." + part[3:])
         elif re.fullmatch(r"ms\d+(p\d+)?", part):
@@ -222,6 +226,8 @@ def parse_config(name: str) -> dict:
         raise SystemExit(f"bad configuration {name!r}: -slK is not combined with -unKsN or -msG")
     if "network_seed" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -sdK seeds the network stage; it needs -netN")
+    if "network_lr" in cfg and not cfg.get("network_steps"):
+        raise SystemExit(f"bad configuration {name!r}: -lrNeM sets the network stage's learning rate; it needs -netN")
     if "network_ema" in cfg and not cfg.get("network_steps"):
         raise SystemExit(f"bad configuration {name!r}: -emaD averages the network stage's iterates; it needs -netN")
     if "network_min_snr" in cfg and not cfg.get("network_steps"):
@@ -311,8 +317,8 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name),
-            re.sub(r"-((net|nc|nq|sd|ema)\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name))
+    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|lr[1-9]e\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name),
+            re.sub(r"-((net|nc|nq|sd|ema)\d+|lr[1-9]e\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name))
 
 
 def network_name(name: str) -> str:
@@ -328,6 +334,12 @@ def network_calib_dir(cfg: dict, work: Path, tuned_from: str) -> Path:
     if cfg["network_calib_on_policy"]:
         return work / f"{tuned_from}-calib-n{k}"
     return work / f"calib-g{cfg['groups']}{smooth_suffix(cfg)}-n{k}"
+
+
+def network_lr(cfg: dict) -> float:
+    """The network stage's learning rate: ``-lrNeM``'s, else UNROLL_LR for the DDIM-state
+    loss (``-slK``) and NETWORK_LR for the output loss."""
+    return cfg.get("network_lr", UNROLL_LR if cfg.get("network_step_loss") else NETWORK_LR)
 
 
 def network_args(qdir: Path, calib_dir: Path, steps: int, out: Path, unroll: int = 1,
@@ -453,7 +465,8 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
             if not (networked / "config.json").is_file():
                 k_step = cfg.get("network_step_loss")
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
-                                    unroll=k_step or 1, lr=UNROLL_LR if k_step else NETWORK_LR,
+                                    unroll=k_step or 1,
+                                    lr=network_lr(cfg),
                                     min_snr_gamma=cfg.get("network_min_snr"), seed=cfg.get("network_seed", 0),
                                     ema=cfg.get("network_ema"), step_loss=bool(k_step),
                                     balance_steps=cfg.get("network_balance_steps", False))) != 0:

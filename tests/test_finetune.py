@@ -527,9 +527,15 @@ def test_quality_table_names_for_the_ddim_step_loss():
     rate; the model it starts from is the name without it."""
     from pathlib import Path
 
-    from benchmarks.quality_table import NETWORK_LR, UNROLL_LR, network_args, parse_config, stage_names
+    from benchmarks.quality_table import NETWORK_LR, UNROLL_LR, network_args, network_lr, parse_config, stage_names
 
     name = "aq-w4a8-ft100-sens-rmin1-rec300-net600-nq256-ema995-sl"
+    assert network_lr(parse_config(name)) == UNROLL_LR
+    assert network_lr(parse_config(name.replace("-sl", ""))) == NETWORK_LR
+    fast = parse_config(name.replace("-sl", "-slb-lr1e3"))
+    assert network_lr(fast) == 1e-3 and fast["network_balance_steps"]
+    assert network_lr(parse_config(name.replace("-sl", "-lr3e4"))) == 3e-4
+    assert stage_names(name + "-lr1e3")[1] == "aq-w4a8-ft100-sens-rmin1-rec300"
     cfg = parse_config(name)
     assert cfg["network_step_loss"] == 1 and cfg["network_ema"] == 0.995
     assert stage_names(name) == ("aq-w4a8-ft100-sens-rmin1", "aq-w4a8-ft100-sens-rmin1-rec300")
@@ -551,7 +557,7 @@ def test_quality_table_names_for_the_ddim_step_loss():
     plain = cli.build_parser().parse_args(network_args(Path("w/r"), Path("c"), 600, Path("w/o")))
     assert (plain.step_loss, plain.lr) == (False, NETWORK_LR)
     for bad in ("aq-w4a8-ft100-rec300-sl", "aq-w4a8-ft100-rec300-net600-sl-un3s400",
-                "aq-w4a8-ft100-rec300-net600-ms5-sl"):
+                "aq-w4a8-ft100-rec300-net600-ms5-sl", "aq-w4a8-ft100-rec300-lr1e3"):
         with pytest.raises(SystemExit):
             parse_config(bad)
 
