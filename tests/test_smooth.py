@@ -350,8 +350,10 @@ def test_model_criterion_is_the_error_of_the_model_with_that_layer_smoothed_and_
         node = q
         for part in _split_name(q, layer):
             node = node[part]
-        np.testing.assert_array_equal(node["input_quant"].zero, cand.zero, err_msg=f"alpha {alpha}")
-        np.testing.assert_allclose(node["input_quant"].scale, cand.scale, rtol=1e-5, err_msg=f"alpha {alpha}")
+        # the two paths reach the range through differently fused float32 sums: on AMD EPYC
+        # (2026-12-07, CI) the scale differed by 1.4e-5 relative and so the rounded zero by one
+        np.testing.assert_allclose(node["input_quant"].zero, cand.zero, atol=1, err_msg=f"alpha {alpha}")
+        np.testing.assert_allclose(node["input_quant"].scale, cand.scale, rtol=1e-4, err_msg=f"alpha {alpha}")
         node["input_quant"] = cand
         num = sum(((np.asarray(fwd(q, x[s], ts[s]), np.float64) - refs[s]) ** 2).sum() for s in range(S))
         np.testing.assert_allclose(got[layer].errors[alpha], num / den, rtol=1e-3, err_msg=f"alpha {alpha}")
