@@ -314,11 +314,14 @@ def quantize_args(model: str, cfg: dict, calib_dir: Path, out: Path) -> list[str
     return argv
 
 
+#: The name parts of the network stage (and its continuation), which stage_names strips.
+_NETWORK_PARTS = r"(net|nc|nq|sd|ema)\d+|lr[1-9]e\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$)"
+
+
 def stage_names(name: str) -> tuple[str, str]:
     """The model directories a configuration builds on: ``(quantized, reconstructed)``, its
     name without the tuning stages' parts, and without the network stage's."""
-    return (re.sub(r"-((rec|net|nc|nq|sd|ema)\d+|lr[1-9]e\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name),
-            re.sub(r"-((net|nc|nq|sd|ema)\d+|lr[1-9]e\d+|un\d+s\d+|ms\d+(p\d+)?|slb?\d*(?=-|$))", "", name))
+    return re.sub(rf"-(rec\d+|{_NETWORK_PARTS})", "", name), re.sub(rf"-({_NETWORK_PARTS})", "", name)
 
 
 def network_name(name: str) -> str:
@@ -465,8 +468,7 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
             if not (networked / "config.json").is_file():
                 k_step = cfg.get("network_step_loss")
                 if cli(network_args(tuned_from, net_calib, cfg["network_steps"], networked,
-                                    unroll=k_step or 1,
-                                    lr=network_lr(cfg),
+                                    unroll=k_step or 1, lr=network_lr(cfg),
                                     min_snr_gamma=cfg.get("network_min_snr"), seed=cfg.get("network_seed", 0),
                                     ema=cfg.get("network_ema"), step_loss=bool(k_step),
                                     balance_steps=cfg.get("network_balance_steps", False))) != 0:
