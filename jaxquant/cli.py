@@ -736,6 +736,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxquant`` argument parser: one sub-command per stage, each with ``fn`` set to its handler."""
     p = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -16,13 +16,16 @@ Inception FIDs and are not comparable with published FIDs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxquant.models.layers import Conv, Dense, GroupNorm
+
+if TYPE_CHECKING:
+    from jaxquant.eval.features import FeatureNet
 
 FMNIST_NET_CONFIG = {"widths": [16, 32, 64], "features": 256, "groups": 8, "dropout": 0.3}
 
@@ -67,11 +70,12 @@ def preprocess(images_uint8: jax.Array) -> jax.Array:
 
 
 def build(config: dict | None = None) -> FmnistNet:
+    """The Fashion-MNIST classifier module, from :data:`FMNIST_NET_CONFIG` with ``config``'s keys overriding it."""
     c = {**FMNIST_NET_CONFIG, **(config or {})}
     return FmnistNet(tuple(c["widths"]), c["features"], c["groups"], c["dropout"])
 
 
-def fmnist_feature_net(weights: str = "fmnist-classifier"):
+def fmnist_feature_net(weights: str = "fmnist-classifier") -> FeatureNet:
     """The classifier as a :class:`jaxquant.eval.features.FeatureNet` named ``fmnist``.
 
     ``weights`` is a model directory written by ``jaxquant train classifier`` or a

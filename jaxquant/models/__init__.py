@@ -7,7 +7,7 @@ from typing import Any
 from jaxquant.errors import ConfigError
 
 
-def build_network(architecture: str, model_config: dict, dtype: Any = None):
+def build_network(architecture: str, model_config: dict, dtype: Any = None) -> tuple[Any, Any]:
     """Return ``(flax_module, config_object)`` for a model directory's architecture."""
     import jax.numpy as jnp
 

@@ -13,6 +13,9 @@ from jaxquant.models.layers import Conv
 
 @dataclasses.dataclass(frozen=True)
 class ConvInfo:
+    """A convolution as an abstract forward pass sees it: kernel size, strides, padding, and
+    ``input_split``, the channel at which its input is a concatenation of two tensors (0: none)."""
+
     kernel_size: int
     strides: tuple[int, int]
     padding: tuple[tuple[int, int], tuple[int, int]]

@@ -36,6 +36,8 @@ class LayerStorage:
 
 @dataclasses.dataclass
 class StorageReport:
+    """Exact storage of a parameter tree, one :class:`LayerStorage` per layer; totals in bits, bytes and weights."""
+
     layers: list[LayerStorage]
 
     @property

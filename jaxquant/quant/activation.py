@@ -155,6 +155,7 @@ def percentile_range(values: np.ndarray, pct: float = 99.99) -> tuple[float, flo
 
 
 def is_act_quant(x: Any) -> bool:
+    """Whether ``x`` is an activation quantizer leaf (for ``is_leaf`` in tree maps)."""
     return isinstance(x, ActQuant)
 
 

@@ -88,10 +88,12 @@ register_grouped(BiasCorrection)
 
 
 def is_bias_correction(x: Any) -> bool:
+    """Whether ``x`` is a bias-correction leaf (for ``is_leaf`` in tree maps)."""
     return isinstance(x, BiasCorrection)
 
 
 def validate_bias_correction(c: BiasCorrection) -> None:
+    """Raise ``ValueError`` unless a loaded correction holds one row per timestep group (``[G, out]``)."""
     if np.asarray(c.delta).ndim != 2:
         raise ValueError(f"bias correction delta must be [G, out], got shape {np.shape(c.delta)}")
 

@@ -24,6 +24,8 @@ FIRST_LAST_LAYERS = r"conv_in|conv_out|input_blocks\.0\.0|out\.2|unet\.(conv_in|
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One quantization rule: layers whose whole name matches ``pattern`` get ``config``."""
+
     pattern: str
     config: Any  # a quantizer config, or None for full precision
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import flax
 import jax
@@ -51,6 +51,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxquant.errors import ConfigError
+
+if TYPE_CHECKING:
+    import jaxquant
 
 
 @flax.struct.dataclass
@@ -69,6 +72,7 @@ class ChannelSmooth:
 
 
 def is_channel_smooth(x: Any) -> bool:
+    """Whether ``x`` is a channel-smoothing leaf (for ``is_leaf`` in tree maps)."""
     return isinstance(x, ChannelSmooth)
 
 
@@ -201,7 +205,7 @@ def smoothed_layers(model, rules=None, layers: str = "all") -> list[str]:
 
 
 def smooth_model(model, calib, alpha: float | Mapping[str, float | None] = 0.5, rules=None, progress: bool = True,
-                 act_absmax: dict[str, np.ndarray] | None = None, layers: str = "all"):
+                 act_absmax: dict[str, np.ndarray] | None = None, layers: str = "all") -> jaxquant.Model:
     """The smoothed float model (see the module docstring).
 
     Args:

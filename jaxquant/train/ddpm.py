@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ FMNIST_UNET = {
 
 
 def diffusion_loss(module: Any, alphas_bar: jax.Array, num_train_timesteps: int, conditional: bool,
-                   label_dropout: float = 0.0, null_label: int | None = None):
+                   label_dropout: float = 0.0, null_label: int | None = None) -> Callable[[Any, dict, jax.Array], jax.Array]:
     """Epsilon-prediction MSE at uniformly drawn timesteps: ``loss_fn(params, batch, key)``."""
 
     def loss_fn(params, batch, key):

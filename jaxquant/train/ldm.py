@@ -28,7 +28,7 @@ import copy
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ def drop_labels(key: jax.Array, labels: jax.Array, p: float, null_label: int) ->
     return jnp.where(drop, jnp.int32(null_label), labels)
 
 
-def ldm_loss(module: LatentDiffusion, schedule: ScheduleConfig, label_dropout: float):
+def ldm_loss(module: LatentDiffusion, schedule: ScheduleConfig, label_dropout: float) -> Callable[[Any, dict, jax.Array], jax.Array]:
     """Epsilon loss on latents with label dropout: ``loss_fn(params, batch, key)``.
 
     ``params`` holds the trained subtrees (``unet``, ``cond_stage``); ``batch`` is

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 @flax.struct.dataclass
 class TrainState:
+    """What a trainer carries between steps and saves: the step, the parameters, their EMA and the optimiser state."""
+
     step: jax.Array
     params: Any
     ema_params: Any
