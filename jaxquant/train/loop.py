@@ -71,7 +71,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
-    """EMA with the usual warm-up ``min(decay, (1 + step) / (10 + step))``."""
+    """EMA with the usual warm-up ``min(decay, (1 + step) / (10 + step))``.
+
+    ``step`` is the number of optimiser steps taken before this update (0 at the first),
+    so this is CompVis' ``LitEma`` warm-up one update earlier: its first update uses
+    ``num_updates = 1`` (tested against it in ``tests/test_train_objectives.py``).
+    """
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     return jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
