@@ -44,6 +44,67 @@ def test_weight_quantizer_error_falls_with_bits_and_clipping_helps():
         assert bool(jnp.all(per_ch(clip) <= per_ch(no_clip) + 1e-6))
 
 
+def _reference_clip_search(w, bits, symmetric, ratios):
+    """Per group of ``w [groups, gs]``, every candidate ratio's (codes, scale, zero, squared
+    error), written out in numpy from the module docstring's definitions: the range
+    ``r·[min, max]`` (symmetric: ``r·max|w|`` on ``[-2^(b-1), 2^(b-1) - 1]``; asymmetric:
+    widened to contain 0, with an integer zero point), a float16 scale, rounding to nearest."""
+    qmax = 2 ** bits - 1
+    out = []
+    for row in np.asarray(w, np.float64):
+        cands = []
+        for r in ratios:
+            lo, hi = r * row.min(), r * row.max()
+            if symmetric:
+                s16 = np.float16(max(abs(lo), abs(hi)) / (2 ** (bits - 1) - 1))
+                s = float(s16) if s16 != 0 else 1.0
+                q = np.clip(np.round(row / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+                codes, zero, deq = q + 2 ** (bits - 1), None, q * s
+            else:
+                lo, hi = min(lo, 0.0), max(hi, 0.0)
+                s16 = np.float16((hi - lo) / qmax)
+                s = float(s16) if s16 != 0 else 1.0
+                zero = np.clip(np.round(-lo / s), 0, qmax)
+                codes = np.clip(np.round(row / s) + zero, 0, qmax)
+                deq = (codes - zero) * s
+            cands.append((codes, np.float16(s), zero, float(np.sum((deq - row) ** 2))))
+        out.append(cands)
+    return out
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size", [(2, False, None), (4, False, None), (3, True, None),
+                                                       (4, False, 8), (6, True, 8)])
+def test_weight_quantizer_is_the_brute_force_clip_search(bits, symmetric, group_size):
+    """Codes, scales and zero points equal those of the candidate ratio with the least
+    squared error per group, recomputed in float64 (ties: any minimiser)."""
+    from jaxquant.quant.uniform import as_matrix
+
+    rng = np.random.default_rng(bits)
+    kernel = (rng.standard_t(4, (3, 3, 8, 6)) * np.linspace(0.05, 1.0, 6)).astype(np.float32)
+    cfg = WeightQuantConfig(bits=bits, symmetric=symmetric, group_size=group_size, clip_search=25, clip_min=0.3)
+    q = quantize_weight(kernel, cfg).to_fake()
+    w = np.asarray(as_matrix(kernel))
+    gs = group_size or w.shape[1]
+    groups = w.reshape(-1, gs)
+    codes = np.asarray(q.codes).reshape(-1, gs).astype(np.int64)
+    scale = np.asarray(q.scale).reshape(-1)
+    zero = None if symmetric else np.asarray(q.zero).reshape(-1)
+    ref = _reference_clip_search(groups, bits, symmetric, np.linspace(0.3, 1.0, 25))
+    chosen_ratio_not_one = 0
+    for i, cands in enumerate(ref):
+        best = min(c[3] for c in cands)
+        ok = [j for j, c in enumerate(cands) if c[3] <= best * (1 + 1e-6) + 1e-12]
+        match = [j for j in ok if np.array_equal(cands[j][0], codes[i]) and cands[j][1] == scale[i]
+                 and (symmetric or cands[j][2] == zero[i])]
+        assert match, f"group {i}: codes/scale/zero are not those of a least-error ratio"
+        chosen_ratio_not_one += match[0] != len(cands) - 1
+    assert chosen_ratio_not_one > 0  # the search clipped somewhere, so it was exercised
+    # And the dequantized kernel is scale · (code − zero) in the kernel's layout.
+    z = 2 ** (bits - 1) if symmetric else zero[:, None]
+    deq = ((codes - z) * scale.astype(np.float64)[:, None]).reshape(w.shape)
+    np.testing.assert_allclose(np.asarray(as_matrix(q.dequantize())), deq, rtol=1e-6, atol=1e-7)
+
+
 def test_fake_and_packed_forms_are_identical_and_grouped_scales_work():
     k = jax.random.normal(jax.random.key(2), (40, 24))
     for cfg in (WeightQuantConfig(bits=3), WeightQuantConfig(bits=5, symmetric=True, group_size=8)):
