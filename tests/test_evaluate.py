@@ -200,6 +200,11 @@ def test_shipped_statistics_without_data(fake_fmnist, tmp_path, monkeypatch):
         assert "pool" not in z.files and "arr_0" not in z.files and z["sigma_triu"].dtype == np.float64
     full = ev.evaluate(samples, "fashion-mnist-test", NET, batch_size=BS, progress=False)
     assert "shipped" in full["reference_source"]
+    # The shipped statistics (upper triangle of sigma, float64) give the metrics of the images.
+    direct = _direct(samples, fake_fmnist["data"], _net())
+    assert full["fid"] == pytest.approx(direct["fid"], rel=1e-6)
+    assert full["sfid"] == pytest.approx(direct["sfid"], rel=1e-6)
+    assert (full["precision"], full["recall"]) == direct["pr"]
 
     def missing(*a, **k):
         raise DataError("Fashion-MNIST file not found. Install the data with `apt-get install -y dataset-fashion-mnist`")
@@ -311,7 +316,12 @@ def test_real_fashion_mnist_subset(monkeypatch, tmp_path):
     samples = real("train", as_uint8=True)[0][:200]
     res = ev.evaluate(samples, "fashion-mnist-test", NET, batch_size=100, progress=False)
     assert res["num_reference"] == 300 and res["num_samples"] == 200
-    assert 0 <= res["fid"] < 1e3 and np.isfinite(res["sfid"])
+    # The metrics of the first 300 test images, recomputed directly (other batch sizes:
+    # equal up to float32 summation order).
+    direct = _direct(samples, real("test", as_uint8=True)[0][:300], _net())
+    for k in ("fid", "sfid", "inception_score"):
+        assert res[k] == pytest.approx(direct[k], rel=1e-5), k
+    assert (res["precision"], res["recall"]) == pytest.approx(direct["pr"], abs=1 / 150)
     assert 0 < res["precision"] <= 1 and 0 < res["recall"] <= 1
     assert load_reference(tmp_path / "cache" / "refs" / f"fashion-mnist-test-{NET}.npz")["feature_net"] == NET
 

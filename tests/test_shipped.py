@@ -36,7 +36,9 @@ def test_demo_writes_a_grid_of_distinct_images(tmp_path, capsys):
     assert (tmp_path / "ddpm-fmnist-samples.png").stat().st_size > 0
 
 
-def test_shipped_classifier_reaches_92_percent_on_the_test_set():
+@pytest.fixture(scope="module")
+def fmnist_test_features():
+    """The shipped classifier's features of the Fashion-MNIST test split (needs the dataset)."""
     from pathlib import Path
 
     from jaxquant.data import load_fashion_mnist
@@ -46,18 +48,30 @@ def test_shipped_classifier_reaches_92_percent_on_the_test_set():
     if not Path(DEFAULT_DIR).is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
     x, y = load_fashion_mnist("test", as_uint8=True)
-    feats = extract_features(get_feature_net("fmnist"), x, batch_size=1000)
+    return extract_features(get_feature_net("fmnist"), x, batch_size=1000), y
+
+
+def test_shipped_classifier_reaches_92_percent_on_the_test_set(fmnist_test_features):
+    feats, y = fmnist_test_features
     assert feats["pool"].shape == (10_000, 256) and feats["spatial"].shape == (10_000, 8, 8, 64)
     acc = float((feats["logits"].argmax(-1) == y).mean())
     assert acc >= 0.92
 
 
-def test_shipped_fmnist_reference_statistics():
+def test_shipped_fmnist_reference_statistics_are_those_of_the_test_split(fmnist_test_features):
+    """The shipped ``fashion-mnist-test-fmnist.npz`` holds the pool and spatial statistics of
+    the test split's features, recomputed here (up to float32 summation order)."""
+    from jaxquant.eval.metrics import feature_statistics, spatial_statistics
     from jaxquant.eval.refbatch import load_reference
 
     ref = load_reference(ASSETS_DIR / "refs" / "fashion-mnist-test-fmnist.npz", feature_net="fmnist")
     assert ref["mu"].shape == (256,) and ref["sigma"].shape == (256, 256)
     assert ref["mu_s"].shape == (448,) and ref["sigma_s"].shape == (448, 448)
+    feats, _ = fmnist_test_features
+    for (mu, sigma), (m_key, s_key) in ((feature_statistics(feats["pool"]), ("mu", "sigma")),
+                                        (spatial_statistics(feats["spatial"]), ("mu_s", "sigma_s"))):
+        np.testing.assert_allclose(ref[m_key], mu, rtol=1e-4, atol=1e-5 * np.abs(mu).max())
+        np.testing.assert_allclose(ref[s_key], sigma, rtol=1e-4, atol=1e-5 * np.abs(sigma).max())
 
 
 def test_ldm_fmnist_loads_by_name_decodes_and_has_a_card():
@@ -89,3 +103,22 @@ def _names(tree, prefix=""):
         if isinstance(v, dict):
             yield name
             yield from _names(v, name)
+
+
+def test_ldm_fmnist_first_stage_reconstructs_as_its_card_says():
+    """The reconstruction figures stored with ``ldm-fmnist`` (its card's PSNR and codebook
+    use, on the first 1 000 test images) recomputed from the shipped first stage."""
+    from pathlib import Path
+
+    from jaxquant.data import load_fashion_mnist
+    from jaxquant.data.fmnist import DEFAULT_DIR
+    from jaxquant.train.vq import reconstruction_metrics
+
+    if not Path(DEFAULT_DIR).is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    m = jaxquant.load("ldm-fmnist")
+    stored = m.meta.extra["first_stage"]["test_reconstruction"]
+    x, _ = load_fashion_mnist("test")
+    got = reconstruction_metrics(m.network_config.first_stage, m.params["first_stage"], x[:stored["num_images"]])
+    for k in ("mse_01", "psnr_db", "l1_pm1", "codebook_usage", "codebook_perplexity"):
+        assert got[k] == pytest.approx(stored[k], rel=1e-4), k
