@@ -520,6 +520,9 @@ def test_cli_quantize_aq_save_load_info_sample(model_dir, calib, tmp_path, capsy
     assert cli.main(["sample", str(q), "--num", "2", "--steps", "2", "--batch-size", "2", "--out", str(npz)]) == 0
     images = np.load(npz)["arr_0"]
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+    from jaxquant.diffusion.pipeline import generate
+
+    np.testing.assert_array_equal(images, generate(m, 2, steps=2, seed=0, batch_size=2, progress=False))
     # The paper's W2 preset through the CLI (on one layer: 2x8 g8 codebooks are too big for this model).
     one = tmp_path / "one.yaml"
     one.write_text("- pattern: 'mid_block\\.attentions\\.0\\.to_q'\n  config: auto\n- pattern: '.*'\n  config: null\n")
