@@ -122,3 +122,30 @@ def test_ldm_fmnist_first_stage_reconstructs_as_its_card_says():
     got = reconstruction_metrics(m.network_config.first_stage, m.params["first_stage"], x[:stored["num_images"]])
     for k in ("mse_01", "psnr_db", "l1_pm1", "codebook_usage", "codebook_perplexity"):
         assert got[k] == pytest.approx(stored[k], rel=1e-4), k
+
+
+@pytest.mark.parametrize("name", ["ddpm-fmnist", "ldm-fmnist"])
+def test_shipped_models_predict_the_noise_of_noised_test_images(name):
+    """The shipped weights denoise real data: on 64 noised test images (latents for the LDM,
+    with their labels), the ε prediction's mean squared error is far below the trivial
+    predictor's (1). Measured 2026-12-07: 0.153 / 0.0088 / 0.00049 (DDPM) and 0.163 / 0.0178 /
+    0.00097 (LDM) at t = 50 / 500 / 900; the bounds leave 1.5-5x room."""
+    from pathlib import Path
+
+    from jaxquant.data import load_fashion_mnist
+    from jaxquant.data.fmnist import DEFAULT_DIR
+    from jaxquant.diffusion.schedules import alphas_cumprod
+
+    if not Path(DEFAULT_DIR).is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    x, y = load_fashion_mnist("test")
+    x, y = x[:64], y[:64]
+    m = jaxquant.load(name)
+    x0 = np.asarray(m.encode(x)) if m.architecture == "ldm" else x
+    ab = alphas_cumprod(m.schedule)
+    rng = np.random.default_rng(0)
+    for t, bound in ((50, 0.25), (500, 0.04), (900, 0.005)):
+        noise = rng.standard_normal(x0.shape).astype(np.float32)
+        xt = np.sqrt(ab[t]) * x0 + np.sqrt(1 - ab[t]) * noise
+        eps = np.asarray(m(xt, np.full(len(x0), t), **({"y": y} if m.is_class_conditional else {})))
+        assert float(np.mean((eps - noise) ** 2)) < bound, t
