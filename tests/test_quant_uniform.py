@@ -25,6 +25,16 @@ def test_packing_round_trips_with_exact_word_count(bits):
         words = packing.pack(codes, bits)
         assert words.shape == (3, -(-n * bits // 32)) and words.dtype == jnp.uint32
         np.testing.assert_array_equal(np.asarray(packing.unpack(words, bits, n)), codes)
+        # Concrete codes are packed in numpy, traced ones in jnp: the same words.
+        traced = jax.jit(lambda c: packing.pack(c, bits))(jnp.asarray(codes, jnp.uint32))
+        np.testing.assert_array_equal(np.asarray(traced), np.asarray(words))
+    # The bit stream itself: code i at bits [i·b, (i+1)·b) of the row, little-endian words.
+    codes = rng.integers(0, 2**bits, (2, 45))
+    words = np.asarray(packing.pack(codes, bits))
+    stream = np.unpackbits(words.astype("<u4").view(np.uint8), axis=-1, bitorder="little")
+    for r in range(2):
+        for i in range(45):
+            assert int(sum(int(v) << j for j, v in enumerate(stream[r, i * bits:(i + 1) * bits]))) == codes[r, i]
 
 
 def test_weight_quantizer_error_falls_with_bits_and_clipping_helps():

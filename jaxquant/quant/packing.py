@@ -20,9 +20,15 @@ def words_per_row(n: int, bits: int) -> int:
 
 
 def pack(codes: np.ndarray | jax.Array, bits: int) -> jax.Array:
-    """Pack unsigned codes ``[..., n]`` (values < 2**bits) into uint32 ``[..., words]``."""
+    """Pack unsigned codes ``[..., n]`` (values < 2**bits) into uint32 ``[..., words]``.
+
+    Concrete codes are packed in numpy (:func:`_pack_numpy`: no compilation per shape, which
+    dominated quantizing a model); traced codes take the jnp form, which gives the same words.
+    """
     if not 1 <= bits <= 16:
         raise ValueError(f"bits must be in 1..16, got {bits}")
+    if not isinstance(codes, jax.core.Tracer):
+        return jnp.asarray(_pack_numpy(np.asarray(codes), bits))
     codes = jnp.asarray(codes).astype(jnp.uint32)
     *lead, n = codes.shape
     nw = words_per_row(n, bits)
@@ -39,6 +45,26 @@ def pack(codes: np.ndarray | jax.Array, bits: int) -> jax.Array:
     flat_lo = flat_lo.at[..., word].add(lo)
     flat_lo = flat_lo.at[..., word + 1].add(hi.astype(jnp.uint32))
     return flat_lo[..., :nw]
+
+
+def _pack_numpy(codes: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`pack` in numpy. Every 32 codes fill exactly ``bits`` words, so the codes are
+    padded to whole blocks of 32 and each of the 32 positions of a block is shifted into
+    its word (and the next, where it spills) in one vectorised step."""
+    codes = codes.astype(np.uint32)
+    *lead, n = codes.shape
+    nw = words_per_row(n, bits)
+    blocks = -(-n // 32)
+    padded = np.zeros((*lead, blocks * 32), np.uint32)
+    padded[..., :n] = codes
+    padded = padded.reshape(*lead, blocks, 32)
+    words = np.zeros((*lead, blocks, bits + 1), np.uint32)
+    for j in range(32):
+        word, shift = divmod(j * bits, 32)
+        words[..., word] |= padded[..., j] << np.uint32(shift)
+        if shift + bits > 32:
+            words[..., word + 1] |= padded[..., j] >> np.uint32(32 - shift)
+    return words[..., :bits].reshape(*lead, blocks * bits)[..., :nw]
 
 
 def unpack(words: jax.Array, bits: int, n: int) -> jax.Array:

@@ -22,6 +22,7 @@ the codes change, so the stored form and its size are the same.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -124,27 +125,33 @@ def _qrange(bits: int, symmetric: bool) -> tuple[float, float]:
     return 0, 2 ** bits - 1
 
 
-def _fake_quant_groups(w: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool):
-    """Quantize groups ``w [..., gs]`` to the range ``[lo, hi]`` (per group); returns
-    ``(codes uint, scale f16, zero or None, dequantized)``."""
+def _fake_quant_groups(w: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool):
+    """Quantize groups ``w [..., gs]`` (float32) to the range ``[lo, hi]`` (per group); returns
+    ``(codes uint, scale f16, zero or None, dequantized)`` as numpy arrays.
+
+    Numpy, not jnp: the clipping search calls it once per candidate ratio on every layer's
+    shape, and op-by-op jnp compiled each shape anew (about 40 s for ``ddpm-fmnist``). The
+    arithmetic is float32 throughout, as jnp's was.
+    """
     qmin, qmax = _qrange(bits, symmetric)
+    f32 = np.float32
     if symmetric:
-        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        scale = (amax / qmax).astype(SCALE_DTYPE)
-        s = jnp.where(scale == 0, 1.0, scale.astype(jnp.float32))
-        q = jnp.clip(jnp.round(w / s[..., None]), qmin, qmax)
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        scale = (amax / f32(qmax)).astype(SCALE_DTYPE)
+        s = np.where(scale == 0, f32(1.0), scale.astype(f32))
+        q = np.clip(np.round(w / s[..., None]), qmin, qmax)
         deq = q * s[..., None]
-        codes = (q + 2 ** (bits - 1)).astype(jnp.uint8 if bits <= 8 else jnp.uint16)
-        return codes, jnp.where(scale == 0, jnp.asarray(1.0, SCALE_DTYPE), scale), None, deq
-    lo = jnp.minimum(lo, 0.0)
-    hi = jnp.maximum(hi, 0.0)
-    scale = ((hi - lo) / qmax).astype(SCALE_DTYPE)
-    s = jnp.where(scale == 0, 1.0, scale.astype(jnp.float32))
-    zero = jnp.clip(jnp.round(-lo / s), 0, qmax)
-    q = jnp.clip(jnp.round(w / s[..., None]) + zero[..., None], 0, qmax)
+        codes = (q + 2 ** (bits - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
+        return codes, np.where(scale == 0, SCALE_DTYPE(1.0), scale), None, deq
+    lo = np.minimum(lo, f32(0.0))
+    hi = np.maximum(hi, f32(0.0))
+    scale = ((hi - lo) / f32(qmax)).astype(SCALE_DTYPE)
+    s = np.where(scale == 0, f32(1.0), scale.astype(f32))
+    zero = np.clip(np.round(-lo / s), 0, qmax).astype(f32)
+    q = np.clip(np.round(w / s[..., None]) + zero[..., None], 0, qmax)
     deq = (q - zero[..., None]) * s[..., None]
-    return (q.astype(jnp.uint8 if bits <= 8 else jnp.uint16),
-            jnp.where(scale == 0, jnp.asarray(1.0, SCALE_DTYPE), scale), zero.astype(jnp.uint8), deq)
+    return (q.astype(np.uint8 if bits <= 8 else np.uint16),
+            np.where(scale == 0, SCALE_DTYPE(1.0), scale), zero.astype(np.uint8), deq)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,11 +196,11 @@ def quantize_weight(kernel: Any, cfg: WeightQuantConfig, xtx: Any = None) -> Uni
     ``cfg.error_feedback`` the codes are then chosen by :func:`error_feedback_codes` on
     ``xtx`` (``[K, K]``, the layer's calibration ``XᵀX`` in :func:`as_matrix` order).
     """
-    kernel = jnp.asarray(kernel, jnp.float32)
-    if not bool(jnp.all(jnp.isfinite(kernel))):
+    kernel = np.asarray(kernel, np.float32)
+    if not np.isfinite(kernel).all():
         raise ConfigError("cannot quantize a weight with NaN or Inf entries")
     shape = tuple(kernel.shape)
-    w = as_matrix(kernel)
+    w = kernel.reshape(-1, shape[-1]).T  # as_matrix, in numpy
     out, k = w.shape
     gs = cfg.group_size or k
     if k % gs:
@@ -205,21 +212,29 @@ def quantize_weight(kernel: Any, cfg: WeightQuantConfig, xtx: Any = None) -> Uni
             raise ConfigError(f"XᵀX of shape {tuple(np.shape(xtx))} does not fit a kernel with K = {k}")
     wg = w.reshape(out, k // gs, gs)
     lo, hi = wg.min(-1), wg.max(-1)
-    ratios = (jnp.linspace(cfg.clip_min, 1.0, cfg.clip_search) if cfg.clip_search > 1
-              else jnp.ones((1,), jnp.float32))
-
-    def err(r):
+    ratios = _clip_ratios(cfg.clip_min, cfg.clip_search)
+    errs = np.empty((len(ratios), out, k // gs), np.float32)
+    for i, r in enumerate(ratios):  # one ratio at a time bounds memory
         *_, deq = _fake_quant_groups(wg, lo * r, hi * r, cfg.bits, cfg.symmetric)
-        return jnp.sum(jnp.square(deq - wg), -1)
-
-    errs = jax.lax.map(err, ratios)  # [n_ratios, out, groups]; one ratio at a time bounds memory
-    best = ratios[jnp.argmin(errs, axis=0)]
+        errs[i] = np.sum(np.square(deq - wg), -1)
+    best = ratios[np.argmin(errs, axis=0)]
     codes, scale, zero, _ = _fake_quant_groups(wg, lo * best, hi * best, cfg.bits, cfg.symmetric)
     codes = codes.reshape(out, k)
     if cfg.error_feedback:
         codes = error_feedback_codes(w, scale, zero, gs, cfg.bits, xtx, cfg.damp)
-    qw = UniformWeight(codes.astype(jnp.uint8), scale, zero, cfg.bits, shape, gs, packed=False)
+    qw = UniformWeight(jnp.asarray(codes, jnp.uint8), jnp.asarray(scale),
+                       None if zero is None else jnp.asarray(zero), cfg.bits, shape, gs, packed=False)
     return qw.to_packed() if cfg.packed else qw
+
+
+@functools.lru_cache(maxsize=16)
+def _clip_ratios(clip_min: float, n: int) -> np.ndarray:
+    """The ``n`` clipping ratios in ``[clip_min, 1]`` (float32, as ``jnp.linspace`` makes them)."""
+    if n <= 1:
+        return np.ones((1,), np.float32)
+    r = np.asarray(jnp.linspace(clip_min, 1.0, n), np.float32)
+    r.setflags(write=False)
+    return r
 
 
 def _inverse_cholesky(xtx: Any, damp: float) -> np.ndarray:
