@@ -283,7 +283,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _calib_config(args: argparse.Namespace, xtx: bool):
     from jaxquant.calib import CalibConfig
 
-    return CalibConfig(num_samples=args.num_samples, steps=args.steps, groups=args.groups or 1,
+    return CalibConfig(num_samples=args.num_samples, steps=args.steps, groups=1 if args.groups is None else args.groups,
                        batch_size=args.batch_size, cfg_scale=args.cfg_scale, seed=args.seed,
                        reservoir=args.reservoir, xtx=xtx, memory_limit_mb=args.memory_limit_mb)
 
@@ -433,13 +433,19 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
     ``--w-bits`` stored bits per weight (or the paper's ``--aq-preset``), optional block
     fine-tuning, activations at ``--a-bits``; resumable from ``--aq-progress``."""
     from jaxquant.quant.additive import DEFAULT_MAX_ITERS
-    from jaxquant.quant.aq_model import DEFAULT_MIN_CODE_BITS, plan_table, preset_plan, quantize_aq
+    from jaxquant.quant.aq_model import DEFAULT_MIN_CODE_BITS, check_aq_budget, plan_table, preset_plan, quantize_aq
     from jaxquant.quant.rules import layer_kernels, load_rules
 
     if args.aq_rounds is not None and args.aq_rounds < 1:
         raise JaxquantError(f"--aq-rounds must be at least 1, got {args.aq_rounds}")
     acfg = _act_config(args)
     rules = load_rules(args.rules, _aq_rule_config) if args.rules else None
+    floor = args.aq_min_code_bits  # with --aq-preset, given: an error from quantize_aq
+    if floor is None and not args.aq_preset:
+        floor = DEFAULT_MIN_CODE_BITS
+    if not args.aq_preset:  # an infeasible --w-bits fails here, not after calibrating
+        check_aq_budget(model.params, float(args.w_bits), rules=rules, planning=args.aq_planning or "gaussian",
+                        min_code_bits=floor)
     calib = _load_or_calibrate(args, model, xtx=True)
     progress_dir = args.aq_progress or f"{str(args.out).rstrip('/')}.progress"
     plan = None
@@ -449,9 +455,6 @@ def _quantize_aq(args: argparse.Namespace, model) -> tuple[dict, dict]:
         kernels = layer_kernels(model.params)
         names, _ = resolve_aq_rules(kernels, rules)
         plan = preset_plan({n: kernels[n] for n in names}, args.aq_preset)
-    floor = args.aq_min_code_bits  # with --aq-preset, given: an error from quantize_aq
-    if floor is None and not args.aq_preset:
-        floor = DEFAULT_MIN_CODE_BITS
     result = quantize_aq(model, calib, None if plan else float(args.w_bits), acfg, plan=plan, rules=rules,
                          beam_size=args.beam, finetune_steps=args.finetune_steps,
                          code_update_every=args.code_update_every, code_budget=args.code_budget,
@@ -502,11 +505,12 @@ def _quantize_rd(args: argparse.Namespace, model) -> tuple[dict, dict]:
     """``--method rd``: rate–distortion mixed precision (seed 002): single-site curves of
     every weight and activation, Lagrangian allocation to average ``--w-bits`` /
     ``--a-bits`` (activation bits per timestep group); curves resume from ``--curves``."""
-    from jaxquant.search.rd import quantize_model_rd
+    from jaxquant.search.rd import check_rd_budget, quantize_model_rd
 
     if args.a_bits_at:
         raise JaxquantError("--a-bits-at is for --method uniform and aq: rd chooses every site's bits itself")
     wcfg, acfg, rules, ccfg = _rd_configs(args, args.a_bits)
+    check_rd_budget(args.w_bits, args.a_bits, ccfg, args.rd_min_w_bits)  # before calibrating
     calib = _load_or_calibrate(args, model, xtx=wcfg.error_feedback)
     report_dir = f"{str(args.out).rstrip('/')}.rd"
     curves_dir = args.curves or report_dir
@@ -617,7 +621,19 @@ def _add_refinement_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _float_source(qmodel, args: argparse.Namespace) -> str:
-    """``--float``, else the float model the quantized model's config names."""
+    """``--float``, else the float model the quantized model's config names; refuses a model
+    with neither quantized weights nor activation quantizers (nothing to refine)."""
+    import jax
+
+    from jaxquant.quant.activation import is_act_quant
+    from jaxquant.quant.dispatch import is_quantized_weight
+
+    def stored(x):
+        return is_quantized_weight(x) or is_act_quant(x)
+
+    if not any(stored(leaf) for leaf in jax.tree_util.tree_leaves(qmodel.params, is_leaf=stored)):
+        raise JaxquantError(f"{args.model} is a float model (no quantized weights or activation quantizers): "
+                            f"quantize it first with `jaxquant quantize`, then refine the result")
     source = args.float or qmodel.meta.extra.get("quantized", {}).get("source")
     if not source:
         raise JaxquantError(f"{args.model} does not name the float model it was quantized from; pass --float")

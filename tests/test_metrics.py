@@ -478,6 +478,11 @@ def test_load_images_errors(tmp_path):
         load_images(tmp_path / "missing.npz")
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip archive")
+    with pytest.raises(DataError, match="not an .npz archive") as e:
+        load_images(garbage)
+    assert "allow_pickle" not in str(e.value)  # numpy's advice for pickles does not apply
+    np.savez(garbage, arr_0=_images())
+    garbage.write_bytes(garbage.read_bytes()[:60])  # a truncated zip
     with pytest.raises(DataError, match="not a readable .npz"):
         load_images(garbage)
     npy = tmp_path / "single.npy"

@@ -71,8 +71,10 @@ class CalibConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.num_samples < 1 or self.steps < 1 or self.groups < 1 or self.batch_size < 1:
-            raise ConfigError("num_samples, steps, groups and batch_size must be positive")
+        for name in ("num_samples", "steps", "groups", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"calibration {name} must be positive, got {getattr(self, name)} "
+                                  f"(jaxquant calibrate: --{name.replace('_', '-')})")
         if self.groups > self.steps:
             raise ConfigError(f"{self.groups} timestep groups need at least as many steps (got {self.steps})")
 

@@ -110,6 +110,12 @@ def _open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such batch file: {p}" + (" (it is a directory)" if p.is_dir() else ""))
+    with open(p, "rb") as f:
+        head = f.read(6)
+    if not head.startswith(b"PK") and head != b"\x93NUMPY":
+        # Neither a zip (.npz) nor an .npy file; numpy would try (and refuse) to unpickle it.
+        raise DataError(f"{p} is not an .npz archive (it starts with {head!r}, not a zip signature); "
+                        f"save sample batches with np.savez(path, arr_0=images) or `jaxquant sample`")
     try:
         obj = np.load(p, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

@@ -1463,6 +1463,28 @@ def resolve_aq_rules(kernels: dict, rules: Sequence[Rule] | None) -> tuple[list[
     return names, {n: c for n, c in resolved.items() if isinstance(c, AQConfig)}
 
 
+def check_aq_budget(params: dict, target_bits: float, *, rules: Sequence[Rule] | None = None,
+                    candidates: Sequence[AQConfig] | Callable | None = None, planning: str = "gaussian",
+                    min_code_bits: float | None = None) -> None:
+    """Raise :class:`ConfigError` if :func:`quantize_aq` could not meet ``target_bits``.
+
+    Whether a budget can be met depends on the layer shapes, the candidates and the floor
+    alone (each layer's cheapest candidate), so this runs before the calibration, the
+    sensitivities and the offsets that planning needs.
+    """
+    if isinstance(target_bits, bool) or not (isinstance(target_bits, (int, float, np.floating, np.integer))
+                                             and np.isfinite(target_bits) and target_bits > 0):
+        raise ConfigError(f"the AQ target must be a positive number of bits per weight, got {target_bits!r}")
+    if planning not in PLANNINGS:
+        raise ConfigError(f"planning must be one of {', '.join(PLANNINGS)}, got {planning!r}")
+    kernels = layer_kernels(params)
+    names, fixed = resolve_aq_rules(kernels, rules)
+    if candidates is None and planning == "measured":
+        candidates = wide_candidates
+    plan_aq_configs({n: _shape(kernels[n]) for n in names}, float(target_bits), candidates, fixed=fixed,
+                    min_code_bits=DEFAULT_MIN_CODE_BITS if min_code_bits is None else min_code_bits)
+
+
 def _check_xtx(calib, layers: Iterable[str]) -> None:
     """ConfigError unless ``calib`` holds ``XᵀX`` of every layer to quantize."""
     if not getattr(calib, "xtx", None):
@@ -1580,6 +1602,8 @@ def quantize_aq(
     weights = None
     if plan is None:
         names, fixed = resolve_aq_rules(kernels, rules)
+        check_aq_budget(model.params, target_bits, rules=rules, candidates=candidates, planning=planning,
+                        min_code_bits=min_code_bits)
         _check_xtx(calib, names)
         if isinstance(layer_weighting, dict):
             weights = {n: float(v) for n, v in layer_weighting.items()}

@@ -1506,6 +1506,20 @@ class RDResult:
     files: dict[str, str]
 
 
+def check_rd_budget(w_bits: float, a_bits: float | None, config: CurveConfig = CurveConfig(),
+                    min_weight_bits: int | None = None) -> None:
+    """Raise :class:`ConfigError` unless the averages lie within the candidates' widths
+    (``config.weight_bits``, no lower than ``min_weight_bits``; ``config.act_bits``): an
+    allocation could not meet them. Cheap, so callers check before calibrating."""
+    lo_w = max(min(config.weight_bits), min_weight_bits or 0)
+    if not (np.isfinite(w_bits) and lo_w <= w_bits <= max(config.weight_bits)):
+        raise ConfigError(f"an average of {w_bits!r} weight bits is outside the candidates' widths "
+                          f"{lo_w}..{max(config.weight_bits)}")
+    if a_bits is not None and not (np.isfinite(a_bits) and min(config.act_bits) <= a_bits <= max(config.act_bits)):
+        raise ConfigError(f"an average of {a_bits!r} activation bits is outside the candidates' widths "
+                          f"{min(config.act_bits)}..{max(config.act_bits)}")
+
+
 def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
                       weights: WeightQuantConfig | None = None, acts: ActQuantConfig | None = None,
                       rules: Sequence[Rule] | None = None, config: CurveConfig = CurveConfig(),
@@ -1536,7 +1550,11 @@ def quantize_model_rd(model, calib, w_bits: float, a_bits: float | None, *,
       additivity_plans: random plans of the additivity check (0: skip it; with
         ``conditional_weights`` its weight points are those given the planned activations).
       plots: write PNG plots to ``out_dir``.
+
+    Raises:
+      ConfigError: ``w_bits`` or ``a_bits`` outside the candidates' widths (:func:`check_rd_budget`).
     """
+    check_rd_budget(w_bits, a_bits, config, min_weight_bits)
     if a_bits is not None and acts is None:
         acts = ActQuantConfig(bits=int(round(min(max(a_bits, 4), 8))))
     problem = RDProblem(model, calib, weights, acts if a_bits is not None else None, rules, config)
