@@ -36,9 +36,10 @@ from jaxquant.quant import dispatch, packing
 SCALE_DTYPE = jnp.float16
 
 
-def as_matrix(kernel: jax.Array) -> jax.Array:
-    """Flax kernel (``[..., out]``) → ``[out, K]`` with ``K`` in kernel order."""
-    return jnp.asarray(kernel).reshape(-1, kernel.shape[-1]).T
+def as_matrix(kernel: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """Flax kernel (``[..., out]``) → ``[out, K]`` with ``K`` in kernel order; a numpy
+    kernel gives a numpy matrix, a jax one a jax matrix."""
+    return kernel.reshape(-1, kernel.shape[-1]).T
 
 
 def from_matrix(w: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -200,7 +201,7 @@ def quantize_weight(kernel: Any, cfg: WeightQuantConfig, xtx: Any = None) -> Uni
     if not np.isfinite(kernel).all():
         raise ConfigError("cannot quantize a weight with NaN or Inf entries")
     shape = tuple(kernel.shape)
-    w = kernel.reshape(-1, shape[-1]).T  # as_matrix, in numpy
+    w = as_matrix(kernel)
     out, k = w.shape
     gs = cfg.group_size or k
     if k % gs:
